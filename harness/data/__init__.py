@@ -1,0 +1,1 @@
+"""Data formats (NeMo SFT jsonl), prompt rendering and the synthetic task world."""

@@ -1,0 +1,84 @@
+"""Seeds, per-item RNG, deterministic kernels and the environment fingerprint (DESIGN.md: determinism contract).
+
+Import this module before any model code: it sets the NVTE_* flags that Transformer Engine reads at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import random
+import sys
+
+# Transformer Engine / Megatron read these at import; the tutorial asks for them for reproducible runs.
+os.environ.setdefault("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "0")
+os.environ.setdefault("NVTE_MASKED_SOFTMAX_FUSION", "0")
+# cuBLAS needs a fixed workspace for deterministic GEMMs on GPU; harmless on CPU.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from any tuple, e.g. (seed, iteration, prompt_id, sample_id); stable across runs and machines.
+
+    Hashing (not adding) the parts keeps streams independent: (1, 23) and (12, 3) never collide.
+    """
+    h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def item_generator(*parts: int | str, device: str = "cpu"):
+    """A torch.Generator seeded for one item, so a sample never depends on batch size, order or worker count."""
+    import torch
+
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(*parts))
+    return g
+
+
+def seed_everything(seed: int, *, deterministic: bool = True) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+        if hasattr(torch.backends, "cudnn"):
+            torch.backends.cudnn.deterministic = True
+
+
+def set_threads(n: int | None = None) -> None:
+    """Fix the intra-op thread count: float reductions are only bit-identical at a fixed thread count."""
+    import torch
+
+    n = n or int(os.environ.get("HARNESS_NUM_THREADS", "0")) or min(4, os.cpu_count() or 1)
+    torch.set_num_threads(n)
+
+
+def fingerprint() -> dict:
+    """Versions and flags that decide whether two runs can be bit-identical."""
+    import torch
+
+    out = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "num_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+    }
+    for mod in ("transformers", "megatron.core", "tokenizers", "safetensors"):
+        try:
+            m = __import__(mod, fromlist=["__version__"])
+            out[mod] = getattr(m, "__version__", "unknown")
+        except Exception:  # noqa: BLE001 - a missing optional package is a fact, not an error
+            out[mod] = None
+    for k in ("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "NVTE_MASKED_SOFTMAX_FUSION", "NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN",
+              "CUBLAS_WORKSPACE_CONFIG"):
+        out[k] = os.environ.get(k)
+    return out
