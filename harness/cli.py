@@ -28,6 +28,13 @@ def cmd_config_show(args) -> int:
     return 0
 
 
+def cmd_config_keys(args) -> int:
+    from harness.config_keys import markdown_table
+
+    print(markdown_table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="harness", description="Self-Rewarding / Meta-Rewarding alignment harness")
     sub = ap.add_subparsers(dest="command", required=True, metavar="<stage>")
@@ -36,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = cfg_sub.add_parser("show", help="print the resolved config (params file + overrides) as YAML")
     _add_config_args(show)
     show.set_defaults(func=cmd_config_show)
+    cfg_sub.add_parser("keys", help="print every config key with its meaning and default (README's table)"
+                       ).set_defaults(func=cmd_config_keys)
     return ap
 
 

@@ -29,9 +29,7 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------------- schema
 @dataclass
 class TrtLlm:
-    enable: bool = False
-    model_type: str = "gptnext"
-    unload_engine_train: bool = False
+    enable: bool = False  # TensorRT-LLM has no PyPI wheel; true is refused with a pointer to README
 
 
 @dataclass
@@ -54,21 +52,10 @@ class Trainer:
 
 
 @dataclass
-class CheckpointCallbackParams:
-    monitor: str = "val_loss"
-    save_top_k: int = 1
-    mode: str = "min"
-
-
-@dataclass
 class ExpManager:
     explicit_log_dir: str | None = None
     exp_dir: str | None = None
     name: str = "self_rewarding"
-    resume_if_exists: bool = True
-    resume_ignore_no_checkpoint: bool = True
-    create_checkpoint_callback: bool = True
-    checkpoint_callback_params: CheckpointCallbackParams = field(default_factory=CheckpointCallbackParams)
 
 
 @dataclass
@@ -107,9 +94,6 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
-    add_BOS: bool = False
-    all_probs: bool = False
-    compute_logprob: bool = False
     end_strings: list[str] = field(default_factory=lambda: ["<|endoftext|>", "<extra_id_1>"])
 
 
@@ -159,7 +143,6 @@ class Dataset:
 
 @dataclass
 class Data:
-    chat: bool = True
     prompt_format: str = "nemo"  # nemo (NeMo turn tokens) | hf_chat_template (the tokenizer's chat template)
     chat_prompt_tokens: ChatPromptTokens = field(default_factory=ChatPromptTokens)
     train_ds: Dataset = field(default_factory=Dataset)
@@ -237,7 +220,10 @@ LAUNCHER_ONLY = (
     "trainer.use_distributed_sampler", "trainer.self_rewarding.trt_llm.max_input_len",
     "trainer.self_rewarding.trt_llm.generation_batch_size", "trainer.self_rewarding.trt_llm.*",
     "exp_manager.create_wandb_logger", "exp_manager.wandb_logger_kwargs.*", "exp_manager.resume_from_checkpoint",
-    "exp_manager.checkpoint_callback_params.*", "exp_manager.log_step_timing", "exp_manager.create_tensorboard_logger",
+    "exp_manager.checkpoint_callback_params.*", "exp_manager.resume_if_exists",
+    "exp_manager.resume_ignore_no_checkpoint", "exp_manager.create_checkpoint_callback", "model.data.chat",
+    "model.spin.sampling_params.add_BOS", "model.spin.sampling_params.all_probs",
+    "model.spin.sampling_params.compute_logprob", "exp_manager.log_step_timing", "exp_manager.create_tensorboard_logger",
     "model.mcore_gpt", "model.megatron_amp_O2", "model.sequence_parallel", "model.apply_rope_fusion",
     "model.tensor_model_parallel_size", "model.pipeline_model_parallel_size", "model.precision",
     "model.activations_checkpoint_granularity", "model.activations_checkpoint_method",

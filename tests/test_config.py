@@ -158,3 +158,13 @@ def test_params_yaml_and_experiments_are_valid():
             continue
         C.load(f, warn=None)
     assert len(files) >= 4
+
+
+def test_readme_table_lists_every_key_with_meaning_and_default():
+    from pathlib import Path
+
+    from harness.config_keys import MEANING, markdown_table
+
+    assert set(MEANING) == set(C.all_keys())
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert markdown_table() in readme, "README's key table is stale: regenerate it with `harness config keys`"
