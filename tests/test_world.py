@@ -1,0 +1,231 @@
+"""The synthetic task world: hand-graded oracle examples at every level, degrade, determinism, disjoint splits.
+
+Rubric (additive, one point each): relevant, substantial (>= half right), basic elements, complete, impeccable.
+"""
+
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harness.config import World
+from harness.data import sft
+from harness.data import world as W
+from harness.io import read_jsonl, tree_hash
+
+META = {
+    "upper": {"family": "upper", "words": ["cat", "dog", "sun"]},  # gold "CAT, DOG, SUN"
+    "reverse": {"family": "reverse", "items": ["b", "7", "k", "q"]},  # gold "q k 7 b"
+    "sort": {"family": "sort", "items": [12, 5, 40, 7]},  # gold "5 7 12 40"
+    "count": {"family": "count", "letter": "a", "seq": ["a", "b", "a", "c", "a", "d"]},  # gold "3"
+    "add": {"family": "add", "operands": [23, 45]},  # gold "68"
+}
+
+HAND_GRADED = {
+    "upper": [
+        ("CAT, DOG, SUN", 5), ("  CAT, DOG, SUN\n", 5),
+        ("CAT DOG SUN", 4), ("CAT,DOG,SUN", 4), ("CAT, DOG, SUN.", 4), ("The answer is: CAT, DOG, SUN", 4),
+        ("CAT, dog, SUN", 3), ("Cat, DOG, SUN", 3),  # in order, 2 of 3 uppercase
+        ("cat, dog, sun", 2),  # in order, none uppercase
+        ("CAT, SUN", 2), ("DOG, CAT, SUN", 2),  # mostly uppercase, a word missing / out of order
+        ("dog", 1), ("sun, cat", 1), ("CAT", 1),  # 1 of 3 uppercase is under half
+        ("", 0), ("I do not know.", 0), ("CATS DOGS", 0), ("C A T", 0),
+    ],
+    "reverse": [
+        ("q k 7 b", 5), ("q k 7 b\n", 5),
+        ("q, k, 7, b", 4), ("Answer: q k 7 b", 4), ("q k 7 b.", 4), ("qk7b q k 7 b", 4),
+        ("k q 7 b", 3), ("q k b 7", 3),  # one adjacent swap: 2 of 4 in place, right items
+        ("b 7 k q", 2),  # the input echoed: right items, 0 in place
+        ("q k 7", 2), ("q k 7 x", 2),  # 3 of 4 in place, an item missing / wrong
+        ("b", 1), ("7 q", 1), ("Q K 7 B", 1),  # uppercase letters are other items; only 7 in place
+        ("", 0), ("x y z", 0), ("I do not know.", 0), ("Q K B", 0), ("qk7b", 0),
+    ],
+    "sort": [
+        ("5 7 12 40", 5), (" 5 7 12 40 ", 5),
+        ("5, 7, 12, 40", 4), ("Sorted: 5 7 12 40", 4), ("[5 7 12 40]", 4),
+        ("5 12 7 40", 3), ("7 5 12 40", 3),
+        ("12 5 40 7", 2), ("40 12 7 5", 2),  # right numbers, none in place
+        ("5 7 12", 2), ("5 7 12 41", 2),  # 3 of 4 in place, a number missing / wrong
+        ("40", 1), ("7 5 99", 1), ("05 07 12 40", 2),  # leading zeros are other numbers: 2 of 4 in place
+        ("", 0), ("none", 0), ("1 2 3", 0), ("5712 40000", 0),
+    ],
+    "count": [
+        ("3", 5), ("3\n", 5),
+        ("3.", 4), ("The answer is 3", 4), ("There are 3 a's.", 4), ("03", 4), ("6 - 3 = 3", 4),
+        ("2", 3), ("4", 3), ("It appears 4 times.", 3),
+        ("1", 2), ("5", 2),
+        ("9", 1), ("0", 1), ("-3", 1), ("3 times? No, 7", 1), ("1" * 5000, 1),
+        ("", 0), ("three", 0), ("I do not know.", 0),
+    ],
+    "add": [
+        ("68", 5), (" 68 ", 5),
+        ("68.", 4), ("23 + 45 = 68", 4), ("The answer is 68", 4), ("+68", 4),
+        ("67", 3), ("70", 3), ("The sum is 66.", 3),
+        ("58", 2), ("78", 2), ("75", 2),
+        ("23", 1), ("23 + 45", 1), ("-68", 1), ("999999999999999999999", 1), ("6 8", 1),
+        ("", 0), ("sixty-eight", 0), ("I do not know.", 0),
+    ],
+}
+
+
+@pytest.mark.parametrize("family,response,expected",
+                         [(f, r, s) for f, cases in HAND_GRADED.items() for r, s in cases])
+def test_hand_graded_examples(family, response, expected):
+    assert W.oracle_score(META[family], response) == expected
+    reason = W.grade(META[family], response).reason
+    assert 0 < len(reason.split()) < 15
+
+
+def test_hand_graded_cover_every_family_and_level():
+    assert set(HAND_GRADED) == set(W.FAMILIES)
+    for family, cases in HAND_GRADED.items():
+        assert {s for _, s in cases} == set(range(6)), family
+        assert W.oracle_score(META[family], W.gold_answer(META[family])) == 5
+
+
+def test_gold_answers():
+    assert [W.gold_answer(META[f]) for f in W.FAMILIES] == ["CAT, DOG, SUN", "q k 7 b", "5 7 12 40", "3", "68"]
+
+
+def test_degrade_hits_every_level_for_every_family():
+    rng = random.Random(0)
+    for family in W.FAMILIES:
+        for seed in range(60):
+            task = W.make_task(family, random.Random(seed), f"t{seed}")
+            assert W.oracle_score(task, task.gold) == 5
+            for target in range(6):
+                assert W.oracle_score(task, W.degrade(task, target, rng)) == target
+
+
+def test_degrade_rejects_bad_level():
+    with pytest.raises(ValueError):
+        W.degrade(META["add"], 6, random.Random(0))
+
+
+_TASKS = [META[f] for f in W.FAMILIES] + [W.make_task(f, random.Random(i), "h").meta
+                                          for i, f in enumerate(W.FAMILIES * 2)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(_TASKS), st.text())
+def test_oracle_never_raises(meta, response):
+    g = W.grade(meta, response)
+    assert g.score in range(6) and g.score == W.oracle_score(meta, response)
+    assert len(g.reason.split()) < 15
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(_TASKS), st.lists(st.sampled_from(["CAT", "dog", "b", "7", "q", "12", "5", "40", "68", "3",
+                                                          ",", " ", ".", "-", "answer", ":"]), max_size=12))
+def test_oracle_on_near_miss_text(meta, parts):
+    assert W.oracle_score(meta, " ".join(parts)) in range(6)
+    assert W.oracle_score(meta, "".join(parts)) in range(6)
+
+
+def test_oracle_non_string_response_scores_zero():
+    assert W.oracle_score(META["add"], None) == 0
+
+
+def test_make_tasks_balanced_unique_and_deterministic():
+    a = W.make_tasks(50, random.Random(3), "x")
+    b = W.make_tasks(50, random.Random(3), "x")
+    assert a == b
+    assert Counter(t.family for t in a) == {f: 10 for f in W.FAMILIES}
+    assert len({t.prompt for t in a}) == 50 and len({t.id for t in a}) == 50
+
+
+def _judge_text(prompt, response):
+    return f"Rate the response.\nQuestion: {prompt}\nResponse: {response}"
+
+
+SMALL = World(num_ift=40, num_eft=90, prompts_per_iteration=15, num_validation=10, num_test=20)
+
+
+def test_build_world_is_byte_identical(tmp_path):
+    a = W.build_world(World(), 7, _judge_text, tmp_path / "a", num_iterations=3)
+    b = W.build_world(World(), 7, _judge_text, tmp_path / "b", num_iterations=3)
+    assert sorted(a) == sorted(b) == sorted(["ift", "eft", "validation", "test", "judge_eval",
+                                             "prompts_1", "prompts_2", "prompts_3"])
+    assert tree_hash(tmp_path / "a") == tree_hash(tmp_path / "b")
+    W.build_world(World(), 8, _judge_text, tmp_path / "c", num_iterations=3)
+    assert tree_hash(tmp_path / "c") != tree_hash(tmp_path / "a")
+
+
+def test_build_world_ignores_hash_seed(tmp_path):
+    code = ("import sys; from harness.config import World; from harness.data.world import build_world; "
+            "build_world(World(num_ift=30, num_eft=30), 3, lambda p, r: p + r, sys.argv[1], 2)")
+    for k, hash_seed in enumerate(("0", "12345")):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / str(k))], check=True,
+                       env={"PYTHONHASHSEED": hash_seed, "PATH": ""}, cwd=Path(__file__).parents[1])
+    assert tree_hash(tmp_path / "0") == tree_hash(tmp_path / "1")
+
+
+def test_build_world_splits(tmp_path):
+    cfg = World()
+    paths = W.build_world(cfg, 1, _judge_text, tmp_path, num_iterations=2)
+    rows = {name: (read_jsonl(p) if name == "judge_eval" else sft.read_sft(p)) for name, p in paths.items()}
+    assert {k: len(v) for k, v in rows.items() if k != "judge_eval"} == {
+        "ift": cfg.num_ift, "eft": cfg.num_eft, "validation": cfg.num_validation, "test": cfg.num_test,
+        "prompts_1": cfg.prompts_per_iteration, "prompts_2": cfg.prompts_per_iteration}
+
+    # Gold answers score 5 from the record alone; prompt files carry no answer.
+    for name in ("ift", "validation", "test"):
+        for r in rows[name]:
+            assert W.score_record(r, sft.gold_response(r)) == 5
+    for name in ("prompts_1", "prompts_2"):
+        assert all(sft.gold_response(r) is None and r["meta"]["family"] in W.FAMILIES for r in rows[name])
+
+    # No prompt text in two splits (nor twice in one).
+    prompts = {name: [sft.user_text(r) for r in rs] for name, rs in rows.items() if name not in ("eft", "judge_eval")}
+    prompts["eft"] = [r["meta"]["prompt"] for r in rows["eft"]]
+    prompts["judge_eval"] = sorted({r["prompt"] for r in rows["judge_eval"]})
+    every = [p for ps in prompts.values() for p in ps]
+    assert len(every) == len(set(every))
+
+    # EFT: judge prompts from the caller's template, targets "reason\nScore: X" true to the oracle, balanced scores.
+    scores = Counter()
+    for r in rows["eft"]:
+        meta, target = r["meta"], sft.gold_response(r)
+        assert sft.user_text(r) == _judge_text(meta["prompt"], meta["response"])
+        reason, score_line = target.split("\n")
+        assert score_line == f"Score: {meta['oracle_score']}"
+        assert W.score_record(r, meta["response"]) == meta["oracle_score"]
+        assert len(reason.split()) < 15
+        scores[meta["oracle_score"]] += 1
+    assert set(scores) == set(range(6)) and max(scores.values()) - min(scores.values()) <= 1
+    cells = Counter((r["meta"]["family"], r["meta"]["oracle_score"]) for r in rows["eft"])
+    assert len(cells) == 30 and max(cells.values()) - min(cells.values()) <= 1
+
+    # judge_eval: num_test // 2 prompts, 2-3 responses of distinct quality each, scores true to the oracle.
+    by_task = {}
+    for r in rows["judge_eval"]:
+        assert set(r) >= {"id", "prompt", "response", "oracle_score", "family", "meta"}
+        assert W.score_record(r, r["response"]) == r["oracle_score"]
+        by_task.setdefault(r["task_id"], []).append(r["oracle_score"])
+    assert len(by_task) == cfg.num_test // 2
+    assert all(2 <= len(s) <= 3 and len(set(s)) == len(s) for s in by_task.values())
+
+
+def test_eval_splits_do_not_move_when_training_splits_grow(tmp_path):
+    W.build_world(SMALL, 5, _judge_text, tmp_path / "a", num_iterations=1)
+    bigger = World(num_ift=80, num_eft=30, prompts_per_iteration=15, num_validation=10, num_test=20)
+    W.build_world(bigger, 5, _judge_text, tmp_path / "b", num_iterations=3)
+    for name in ("test.jsonl", "validation.jsonl", "judge_eval.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_world_texts_cover_every_character(tmp_path):
+    texts = W.world_texts(200, 0)
+    assert texts == W.world_texts(200, 0)
+    chars = set("".join(texts))
+    paths = W.build_world(SMALL, 2, lambda p, r: f"{p}\n{r}", tmp_path, num_iterations=1)
+    for name, p in paths.items():
+        rs = read_jsonl(p)
+        values = ([r["prompt"] + r["response"] for r in rs] if name == "judge_eval"
+                  else [t["value"] for r in rs for t in r["conversations"]])
+        assert set("".join(values)) <= chars, name
