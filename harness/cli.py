@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pathlib import Path
+
 from harness import config as C
 from harness.io import DataError
 
@@ -35,6 +37,141 @@ def cmd_config_keys(args) -> int:
     return 0
 
 
+def _setup(args) -> tuple[C.Config, object]:
+    from harness import determinism
+    from harness.stages import Layout
+
+    cfg = load_config(args)
+    determinism.set_threads()
+    determinism.seed_everything(cfg.seed)
+    return cfg, Layout(Path(args.root))
+
+
+def _iteration(cfg: C.Config, t: int, *, sft: bool = False) -> int:
+    n = cfg.trainer.self_rewarding.max_iterations
+    if not 0 <= t < n:
+        raise C.ConfigError(f"--iteration {t}: trainer.self_rewarding.max_iterations={n} allows 0..{n - 1}")
+    if not sft and t == 0 and cfg.model.spin.first_iteration_sft:
+        raise C.ConfigError("--iteration 0 is the SFT iteration (model.spin.first_iteration_sft=true): run `harness sft`")
+    return t
+
+
+def cmd_prepare(args) -> int:
+    from harness import stages, tracking
+
+    cfg, lay = _setup(args)
+    with tracking.stage_run(cfg, "prepare") as tr:
+        out = stages.prepare(cfg, lay)
+        if tr:
+            tr.log_metrics({f"prepare/{k}": v for k, v in out.items()}, parent=True)
+    print(out)
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from harness import stages, tracking
+    from harness.io import write_json, write_jsonl
+
+    cfg, lay = _setup(args)
+    if not cfg.model.spin.first_iteration_sft:
+        raise C.ConfigError("harness sft runs iteration 0 only with model.spin.first_iteration_sft=true")
+    with tracking.stage_run(cfg, "sft", 0) as tr:
+        summary, history = stages.run_sft(cfg, lay)
+        write_jsonl(lay.it(0) / "train_history.jsonl", history)
+        write_json(lay.it(0) / "train_metrics.json", summary)
+        if tr:
+            tr.log_history(history)
+            tr.log_metrics(summary, step=0)
+    print(summary)
+    return 0
+
+
+def _stage(name: str):
+    """generate / judge / meta_judge / pairs / train / evaluate for one iteration."""
+
+    def cmd(args) -> int:
+        from harness import stages, tracking
+        from harness.io import write_json, write_jsonl
+
+        cfg, lay = _setup(args)
+        t = _iteration(cfg, args.iteration, sft=name == "evaluate")
+        with tracking.stage_run(cfg, name, t) as tr:
+            if name == "train":
+                metrics, history = stages.run_train(cfg, lay, t)
+                write_jsonl(lay.it(t) / "train_history.jsonl", history)
+                write_json(lay.it(t) / "train_metrics.json", metrics)
+                if tr:
+                    tr.log_history(history)
+            elif name == "evaluate":
+                from harness.evaluate import run_evaluate
+
+                metrics = run_evaluate(cfg, lay, t)
+                if tr:
+                    tr.log_metrics(metrics, step=t, parent=True)
+            else:
+                metrics = getattr(stages, f"run_{name}")(cfg, lay, t)
+                if name != "pairs":
+                    write_json(lay.it(t) / f"{name}_metrics.json", metrics)
+            if tr:
+                tr.log_metrics(metrics, step=t)
+                if name == "pairs":
+                    _log_pairs_table(tr, lay.it(t) / "pairs.jsonl")
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+        return 0
+
+    return cmd
+
+
+def _log_pairs_table(tr, path: Path, n: int = 32) -> None:
+    from harness.io import read_jsonl
+
+    rows = read_jsonl(path)[:n]
+    tr.log_table({k: [str(r[k]) for r in rows] for k in ("kind", "prompt", "chosen", "rejected", "chosen_score",
+                                                        "rejected_score")}, "pairs_sample.json")
+
+
+def cmd_report(args) -> int:
+    from harness import tracking
+    from harness.evaluate import run_report
+    from harness.io import atomic_path
+
+    cfg, lay = _setup(args)
+    with tracking.stage_run(cfg, "report", finish_parent=True) as tr:
+        out = Path(args.out)
+        with atomic_path(out) as tmp:
+            final = run_report(cfg, lay, tmp)
+        if tr:
+            tr.log_metrics({f"final/{k}": v for k, v in final.items()}, parent=True)
+            tr.log_artifact(out / "report.md", "report", parent=True)
+            tr.log_artifact(out / "iterations.csv", "report", parent=True)
+            for png in sorted((out / "plots").glob("*.png")):
+                tr.log_artifact(png, "report/plots", parent=True)
+            tr.log_artifact("dvc.lock", parent=True)
+            tr.log_artifact("params.yaml", parent=True)
+            tr.set_tags({"dvc_lock_hash": tracking.file_tag("dvc.lock")}, parent=True)
+            if cfg.tracking.log_model:
+                tr.log_artifact(lay.model(cfg.trainer.self_rewarding.max_iterations - 1), "model", parent=True)
+    print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from harness import pipeline
+    from harness.io import write_text
+
+    cfg = load_config(args)
+    if args.action == "write":
+        write_text(args.dvc_yaml, pipeline.render(cfg))
+        print(f"wrote {args.dvc_yaml}")
+    else:
+        pipeline.check(cfg, Path(args.dvc_yaml))
+        print(f"{args.dvc_yaml} is up to date")
+    return 0
+
+
+STAGES = ("generate", "judge", "meta_judge", "pairs", "train", "evaluate")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="harness", description="Self-Rewarding / Meta-Rewarding alignment harness")
     sub = ap.add_subparsers(dest="command", required=True, metavar="<stage>")
@@ -45,6 +182,31 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_config_show)
     cfg_sub.add_parser("keys", help="print every config key with its meaning and default (README's table)"
                        ).set_defaults(func=cmd_config_keys)
+
+    def stage_parser(name: str, help: str, func, iteration: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--root", default="runs", help="pipeline output directory (default: runs)")
+        if iteration:
+            p.add_argument("--iteration", "-i", type=int, required=True, help="absolute iteration t (0 = SFT)")
+        _add_config_args(p)
+        p.set_defaults(func=func)
+        return p
+
+    pipe = sub.add_parser("pipeline", help="write or check dvc.yaml (generated from the stages' params and code)")
+    pipe.add_argument("action", choices=["write", "check"])
+    pipe.add_argument("--dvc-yaml", default="dvc.yaml")
+    _add_config_args(pipe)
+    pipe.set_defaults(func=cmd_pipeline)
+    stage_parser("prepare", "task world (when no data is configured) and tiny base model M0", cmd_prepare)
+    stage_parser("sft", "iteration 0: SFT on gold answers (IFT) and judge data (EFT) -> M1", cmd_sft)
+    helps = {"generate": "N responses per prompt from M_t", "judge": "k judge samples per response by M_t",
+             "meta_judge": "Meta-Rewarding: M_t judges its judgements -> judge pairs",
+             "pairs": "preference pairs (length control, bad samples, judge-pair mixing)",
+             "train": "preference training M_t -> M_t+1", "evaluate": "oracle / judge evaluation of M_t+1"}
+    for name in STAGES:
+        stage_parser(name, helps[name], _stage(name), iteration=True)
+    stage_parser("report", "markdown table and plots over iterations", cmd_report).add_argument(
+        "--out", default="runs/report", help="report directory")
     return ap
 
 

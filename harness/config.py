@@ -168,7 +168,7 @@ class SftStage:
     """Iteration 0 (first_iteration_sft): supervised training on gold answers (IFT) and judge data (EFT)."""
 
     max_epochs: int = 1
-    lr: float | None = None  # None: model.optim.lr; a model trained from scratch needs a far larger one
+    lr: float = 9e-6  # its own key (not model.optim.lr): a model trained from scratch needs a far larger one
 
 
 @dataclass
@@ -480,7 +480,7 @@ def validate(cfg: Config) -> None:
     _check(m.optim.sched.name in ("CosineAnnealing", "constant"),
            f"model.optim.sched.name: one of CosineAnnealing, constant, got {m.optim.sched.name!r}")
     _check(m.sft.max_epochs >= 1, "model.sft.max_epochs: must be >= 1")
-    _check(m.sft.lr is None or m.sft.lr > 0, f"model.sft.lr: must be > 0 or null, got {m.sft.lr}")
+    _check(m.sft.lr > 0, f"model.sft.lr: must be > 0, got {m.sft.lr}")
     _check(0 <= m.optim.sched.min_lr <= m.optim.lr, "model.optim.sched.min_lr: must be in [0, model.optim.lr]")
     _check(spin.preference_loss in PREFERENCE_LOSSES,
            f"model.spin.preference_loss: one of {', '.join(PREFERENCE_LOSSES)}, got {spin.preference_loss!r}")

@@ -90,7 +90,7 @@ MEANING = {
     "model.tiny.intermediate_size": "tiny embedded Llama: MLP size",
     "model.tiny.vocab_size": "tiny embedded Llama: BPE vocabulary trained on the task world",
     "model.sft.max_epochs": "epochs of the SFT iteration 0",
-    "model.sft.lr": "peak learning rate of iteration 0; null = model.optim.lr",
+    "model.sft.lr": "peak learning rate of iteration 0 (SFT)",
     "world.num_ift": "task world: IFT seed size (prompts with gold answers)",
     "world.num_eft": "task world: EFT seed size (judge prompts with oracle scores)",
     "world.prompts_per_iteration": "task world: fresh prompts per self-rewarding iteration",

@@ -1,0 +1,215 @@
+"""Evaluation of policy and judge after each iteration, and the report over iterations.
+
+Policy (task world, with its oracle): mean oracle score of greedy answers on the test split, win rate against M1
+(the SFT model) judged by the oracle with ties counted half (the analogue of the paper's AlpacaEval win rate), and
+mean answer length. Judge: on held-out responses with oracle scores, pairwise accuracy (pairs of responses to the
+same prompt with different oracle scores, a judge tie counts half), exact-match rate, Spearman and Kendall tau
+against the oracle, and the share of judgements that do not parse (the paper's reward-modelling table).
+User data without an oracle: validation loss of the gold answers and the judge's own statistics, labelled as such.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from harness import config as C
+from harness.data import sft as S
+from harness.io import read_json, read_jsonl, write_json, write_jsonl
+from harness.stages import Layout, _judge_prompt, _load, _render, _use_world, validation_examples, validation_file
+
+
+def _greedy(cfg: C.Config) -> C.SamplingParams:
+    return dataclasses.replace(cfg.model.spin.sampling_params, use_greedy=True)
+
+
+def judge_agreement(groups: dict[str, list[tuple[float | None, int]]]) -> dict:
+    """Judge vs oracle. groups: task id -> [(judge score or None, oracle score)]. Unparsed judgements count wrong."""
+    from scipy.stats import kendalltau, spearmanr
+
+    pairs = correct = 0.0
+    exact = n = failed = 0
+    xs, ys = [], []
+    for items in groups.values():
+        for s, o in items:
+            n += 1
+            failed += s is None
+            exact += s is not None and round(s) == o
+            if s is not None:
+                xs.append(s)
+                ys.append(o)
+        for a in range(len(items)):
+            for b in range(a + 1, len(items)):
+                (sa, oa), (sb, ob) = items[a], items[b]
+                if oa == ob:
+                    continue
+                pairs += 1
+                if sa is not None and sb is not None:
+                    correct += 0.5 if sa == sb else float((sa > sb) == (oa > ob))
+    ok = len(xs) > 2 and len(set(xs)) > 1 and len(set(ys)) > 1
+    return {
+        "eval/judge_pairwise_acc": correct / pairs if pairs else float("nan"),
+        "eval/judge_exact_match": exact / n if n else float("nan"),
+        "eval/judge_spearman": float(spearmanr(xs, ys).statistic) if ok else float("nan"),
+        "eval/judge_kendall": float(kendalltau(xs, ys).statistic) if ok else float("nan"),
+        "eval/judge_parse_failure": failed / n if n else float("nan"),
+    }
+
+
+def win_rate(scores: list[int], baseline: list[int]) -> float:
+    """Oracle-judged head-to-head: a win counts 1, a tie 1/2."""
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)) / len(scores)
+
+
+def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
+    """Evaluate M_{t+1}, the model iteration t produced; writes iter<t>/eval.json and eval_answers.jsonl."""
+    from harness.generation.sampler import generate
+    from harness.judging.parse import parse_score
+    from harness.train import _val_sft, encode
+
+    spin = cfg.model.spin
+    policy = _load(cfg, lay.model(t))
+    metrics: dict[str, float] = {"iteration": t}
+    val = validation_examples(cfg, lay, policy)
+    if val:
+        enc = [encode(policy.tokenizer, p, r, cfg.model.data.validation_ds.max_seq_length) for p, r in val]
+        metrics["eval/val_loss"] = _val_sft(policy, enc, cfg)()["val/loss"]
+    if _use_world(cfg):
+        from harness.data.world import score_record
+
+        recs = S.read_sft(lay.world / "test.jsonl")
+        outs = generate(policy, [_render(cfg, policy, r) for r in recs], num_samples=1, sampling_params=_greedy(cfg),
+                        length_params=spin.length_params, seed_parts=[(cfg.seed, t, "eval", r["id"]) for r in recs],
+                        batch_size=spin.rollout_micro_batch_size, desc=f"evaluate iter {t}")
+        answers = [{"id": r["id"], "answer": o[0]["text"], "num_tokens": o[0]["num_tokens"],
+                    "oracle_score": score_record(r, o[0]["text"])} for r, o in zip(recs, outs)]
+        write_jsonl(lay.it(t) / "eval_answers.jsonl", answers)
+        scores = [a["oracle_score"] for a in answers]
+        metrics["eval/oracle_reward"] = sum(scores) / len(scores)
+        metrics["eval/perfect_rate"] = sum(s == 5 for s in scores) / len(scores)
+        metrics["eval/response_length"] = sum(a["num_tokens"] for a in answers) / len(answers)
+        m1 = lay.it(0) / "eval_answers.jsonl"
+        if cfg.model.spin.first_iteration_sft and t > 0 and m1.exists():
+            metrics["eval/win_rate_vs_m1"] = win_rate(scores, [a["oracle_score"] for a in read_jsonl(m1)])
+        elif t == 0:
+            metrics["eval/win_rate_vs_m1"] = 0.5  # M1 against itself
+        rows = read_jsonl(lay.world / "judge_eval.jsonl")
+        prompts = [_judge_prompt(cfg, policy, r["prompt"], r["response"]) for r in rows]
+        jouts = generate(policy, prompts, num_samples=1, sampling_params=_greedy(cfg),
+                         length_params=spin.length_params, seed_parts=[(cfg.seed, t, "judge_eval", r["id"]) for r in rows],
+                         batch_size=spin.rollout_micro_batch_size, desc=f"judge eval iter {t}")
+        groups: dict[str, list] = {}
+        for r, o in zip(rows, jouts):
+            s = parse_score(o[0]["text"], spin.judge_score_low, spin.judge_score_high, spin.judge_reward_regex)
+            groups.setdefault(r["task_id"], []).append((s, r["oracle_score"]))
+        metrics.update(judge_agreement(groups))
+    elif validation_file(cfg, lay) is not None:
+        # No oracle: the judge's own view of the model's greedy validation answers. Labelled judge_self: it is
+        # what the model thinks of itself, not agreement with any ground truth.
+        recs = S.read_sft(validation_file(cfg, lay))
+        recs = recs[: max(1, math.ceil(len(recs) * cfg.trainer.self_rewarding.limit_val_batches))]
+        outs = generate(policy, [_render(cfg, policy, r) for r in recs], num_samples=1, sampling_params=_greedy(cfg),
+                        length_params=spin.length_params,
+                        seed_parts=[(cfg.seed, t, "eval", str(r.get("id", i))) for i, r in enumerate(recs)],
+                        batch_size=spin.rollout_micro_batch_size, desc=f"evaluate iter {t}")
+        answers = [o[0] for o in outs]
+        jouts = generate(policy, [_judge_prompt(cfg, policy, S.user_text(r), a["text"]) for r, a in zip(recs, answers)],
+                         num_samples=1, sampling_params=_greedy(cfg), length_params=spin.length_params,
+                         seed_parts=[(cfg.seed, t, "judge_self", i) for i in range(len(recs))],
+                         batch_size=spin.rollout_micro_batch_size, desc=f"judge_self iter {t}")
+        scores = [parse_score(o[0]["text"], spin.judge_score_low, spin.judge_score_high, spin.judge_reward_regex)
+                  for o in jouts]
+        valid = [s for s in scores if s is not None]
+        write_jsonl(lay.it(t) / "eval_answers.jsonl", [{"answer": a["text"], "num_tokens": a["num_tokens"],
+                                                        "judge_self_score": s} for a, s in zip(answers, scores)])
+        metrics["eval/response_length"] = sum(a["num_tokens"] for a in answers) / len(answers)
+        metrics["eval/judge_self_mean_score"] = sum(valid) / len(valid) if valid else float("nan")
+        metrics["eval/judge_self_parse_failure"] = 1 - len(valid) / len(scores)
+    write_json(lay.it(t) / "eval.json", metrics)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------- report
+ROWS = [
+    ("eval/oracle_reward", "policy: mean oracle score (0-5) of greedy test answers"),
+    ("eval/win_rate_vs_m1", "policy: win rate vs M1 (oracle-judged, ties 1/2)"),
+    ("eval/perfect_rate", "policy: share of impeccable answers (score 5)"),
+    ("eval/response_length", "policy: mean answer length (tokens)"),
+    ("eval/judge_pairwise_acc", "judge: pairwise accuracy vs oracle"),
+    ("eval/judge_exact_match", "judge: exact-match rate"),
+    ("eval/judge_spearman", "judge: Spearman vs oracle"),
+    ("eval/judge_kendall", "judge: Kendall tau vs oracle"),
+    ("eval/judge_parse_failure", "judge: share of unparsable judgements"),
+    ("eval/val_loss", "validation loss (gold answers)"),
+    ("eval/judge_self_mean_score", "no oracle: the model's own judge score of its answers"),
+    ("eval/judge_self_parse_failure", "no oracle: share of its judgements that do not parse"),
+    ("train/chosen_generated_rewards", "pairs: mean judge score of chosen"),
+    ("train/rejected_generated_rewards", "pairs: mean judge score of rejected"),
+    ("pairs/chosen_tokens", "pairs: chosen length (tokens)"),
+    ("pairs/rejected_tokens", "pairs: rejected length (tokens)"),
+    ("train/bad_samples_per_GBS", "pairs: bad samples per global batch"),
+    ("pairs/judge_pairs", "pairs: judge pairs (Meta-Rewarding)"),
+    ("train/acc", "train: preference accuracy (last epoch)"),
+]
+
+
+def collect(cfg: C.Config, lay: Layout) -> list[dict]:
+    out = []
+    for t in range(cfg.trainer.self_rewarding.max_iterations):
+        row = {"iteration": t, "model": f"M{t + 1}"}
+        for name in ("eval.json", "pairs_metrics.json", "train_metrics.json"):
+            p = lay.it(t) / name
+            if p.exists():
+                row.update({k: v for k, v in read_json(p).items() if k != "iteration"})
+        out.append(row)
+    return out
+
+
+def _fmt(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def run_report(cfg: C.Config, lay: Layout, out_dir: Path) -> dict:
+    """report.md (a table per iteration, rows as in the papers' tables), iterations.csv for DVC plots, PNG plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = collect(cfg, lay)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    head = "| metric | " + " | ".join(r["model"] for r in rows) + " |"
+    lines = ["# Self-rewarding report", "", f"Models M1..M{len(rows)} (M1 = iteration 0"
+             f"{' SFT' if cfg.model.spin.first_iteration_sft else ''}); meta-judge: {cfg.model.spin.use_meta_judge}.",
+             "", head, "|---|" + "---|" * len(rows)]
+    for key, label in ROWS:
+        if any(key in r for r in rows):
+            lines.append(f"| {label} | " + " | ".join(_fmt(r.get(key)) for r in rows) + " |")
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    keys = [k for k, _ in ROWS if any(k in r for r in rows)]
+    csv = ["iteration," + ",".join(k.replace("/", "_") for k in keys)]
+    csv += [f"{r['iteration']}," + ",".join("" if r.get(k) is None else repr(r.get(k)) for k in keys) for r in rows]
+    (out_dir / "iterations.csv").write_text("\n".join(csv) + "\n", encoding="utf-8")
+    plots = {"oracle_reward": ["eval/oracle_reward"], "win_rate": ["eval/win_rate_vs_m1"],
+             "judge": ["eval/judge_pairwise_acc", "eval/judge_exact_match", "eval/judge_spearman"],
+             "lengths": ["eval/response_length", "pairs/chosen_tokens", "pairs/rejected_tokens"],
+             "rewards": ["train/chosen_generated_rewards", "train/rejected_generated_rewards"]}
+    (out_dir / "plots").mkdir(exist_ok=True)
+    for name, ks in plots.items():
+        fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+        for k in ks:
+            pts = [(r["iteration"], r[k]) for r in rows if r.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=k)
+        ax.set_xlabel("iteration (0 = SFT)")
+        ax.set_title(name.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "plots" / f"{name}.png", metadata={"Software": None})
+        plt.close(fig)
+    last = rows[-1]
+    final = {k: last[k] for k in keys if isinstance(last.get(k), (int, float)) and not math.isnan(last[k])}
+    write_json(out_dir / "metrics.json", final)
+    return final

@@ -1,0 +1,66 @@
+"""The small policy interface every stage uses, so a megatron-core backend can slot in beside the `hf` one.
+
+A backend is a module with `load(path, dtype) -> Policy` and `save(policy, path, resolved_config)`; it is named in
+BACKENDS and imported only when used (so `hf` users never import megatron and vice versa).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BACKENDS = {"hf": "harness.models.hf", "mcore": "harness.models.mcore"}
+CONFIG_FILE = "harness_config.yaml"  # the resolved config saved next to every checkpoint
+
+
+@dataclass
+class Policy:
+    """A causal LM and its tokenizer.
+
+    model: torch.nn.Module with the HF calling convention forward(input_ids, attention_mask=..., position_ids=...,
+        cache/past_key_values=..., use_cache=...) -> object with .logits [B, T, V].
+    config: the resolved harness config this policy was built or saved with ({} for a foreign checkpoint).
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    config: dict = field(default_factory=dict)
+    backend: str = "hf"
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] for a right-padded batch (positions count from 0 in every row, as in training)."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def save(self, path: str | Path, resolved_config: dict) -> None:
+        """Write an atomic checkpoint directory: weights (safetensors), tokenizer, harness_config.yaml."""
+        _backend(self.backend).save(self, path, resolved_config)
+
+
+def _backend(name: str):
+    if name not in BACKENDS:
+        raise ValueError(f"model.backend: one of {', '.join(BACKENDS)}, got {name!r}")
+    try:
+        return importlib.import_module(BACKENDS[name])
+    except ModuleNotFoundError as e:
+        raise ValueError(f"model.backend={name!r} is not available here ({e})") from e
+
+
+def load_policy(path: str | Path, backend: str = "hf", dtype: torch.dtype = torch.float32) -> Policy:
+    """Load a checkpoint directory; bad or missing files raise harness.io.DataError naming the path."""
+    return _backend(backend).load(path, dtype=dtype)

@@ -1,0 +1,142 @@
+"""dvc.yaml, generated from one table of what each stage reads (params and code), so the two never drift.
+
+    harness pipeline write        # rewrite dvc.yaml for params.yaml's max_iterations / first_iteration_sft
+    harness pipeline check        # fail if dvc.yaml is stale
+
+A stage lists only the params it reads: changing model.spin.length_control re-runs pairs, train and evaluate, not
+generate or judge. Checkpoints save the same subset of the config (`stage_config`), so a model directory's hash
+does not change when an unrelated key does (that would defeat DVC's cache and Optuna's trial sharing).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from harness import config as C
+
+_MODEL = ["seed", "model.backend", "trainer.precision", "model.data.prompt_format", "model.data.chat_prompt_tokens"]
+_GEN = ["model.spin.sampling_params", "model.spin.length_params", "model.spin.rollout_micro_batch_size"]
+_JUDGE = ["model.spin.judge_template", "model.spin.llm_judge_prompt", "model.spin.judge_score_low",
+          "model.spin.judge_score_high", "model.spin.judge_reward_regex"]
+_LOOP = ["model.micro_batch_size", "model.global_batch_size", "model.optim.betas", "model.optim.eps",
+         "model.optim.weight_decay", "model.optim.sched", "trainer.self_rewarding.limit_train_batches",
+         "trainer.self_rewarding.limit_val_batches", "trainer.self_rewarding.val_check_interval",
+         "trainer.self_rewarding.save_interval", "trainer.self_rewarding.gradient_clip_val",
+         "model.data.validation_ds"]
+
+STAGE_PARAMS: dict[str, list[str]] = {
+    "prepare": ["seed", "world", "model.tiny", "pretrained_checkpoint.restore_from_path", "model.data.train_ds.file_path",
+                "trainer.self_rewarding.max_iterations", *_JUDGE],
+    "sft": [*_MODEL, *_LOOP, "model.sft", "model.data.sft_ds", "model.data.judge_train_ds",
+            "model.spin.first_iteration_sft"],
+    "generate": [*_MODEL, *_GEN, "model.spin.num_responses_to_gen", "model.data.train_ds.file_path"],
+    "judge": [*_MODEL, *_GEN, *_JUDGE, "model.spin.num_evals_to_average"],
+    "meta_judge": [*_MODEL, *_GEN, *_JUDGE, "model.spin.use_meta_judge", "model.spin.llm_meta_judge_prompt",
+                   "model.spin.meta_judge_reward_regex", "model.spin.meta_max_relative_pcnt"],
+    "pairs": ["seed", "model.global_batch_size", "model.spin.num_responses_to_gen", "model.spin.length_control",
+              "model.spin.use_meta_judge", "model.spin.meta_judge_pcnt"],
+    "train": [*_MODEL, *_LOOP, "model.optim.lr", "model.optim.name", "trainer.self_rewarding.max_epochs",
+              "trainer.self_rewarding.max_steps", "model.spin.ref_policy_kl_penalty", "model.spin.preference_loss",
+              "model.spin.preference_loss_weight", "model.spin.sft_loss_weight", "model.spin.gt_reward_scale",
+              "model.spin.preference_average_log_probs", "model.spin.sft_average_log_probs",
+              "model.data.train_ds.max_seq_length", "model.data.train_ds.shuffle"],
+    "evaluate": [*_MODEL, *_GEN, *_JUDGE, "model.micro_batch_size", "model.spin.first_iteration_sft",
+                 "model.data.validation_ds", "trainer.self_rewarding.limit_val_batches"],
+    "report": ["trainer.self_rewarding.max_iterations", "model.spin.first_iteration_sft", "model.spin.use_meta_judge"],
+}
+
+_BASE_CODE = ["harness/config.py", "harness/io.py", "harness/determinism.py", "harness/stages.py", "harness/cli.py",
+              "harness/data/sft.py"]
+_MODEL_CODE = ["harness/models", "harness/generation"]
+STAGE_CODE: dict[str, list[str]] = {
+    "prepare": ["harness/data/world.py", "harness/models", "harness/judging/templates.py"],
+    "sft": ["harness/models", "harness/train.py", "harness/losses.py"],
+    "generate": _MODEL_CODE,
+    "judge": [*_MODEL_CODE, "harness/judging"],
+    "meta_judge": [*_MODEL_CODE, "harness/judging"],
+    "pairs": ["harness/pairs.py"],
+    "train": ["harness/models", "harness/train.py", "harness/losses.py"],
+    "evaluate": [*_MODEL_CODE, "harness/judging", "harness/evaluate.py", "harness/train.py", "harness/data/world.py"],
+    "report": ["harness/evaluate.py"],
+}
+
+
+def stage_config(cfg: C.Config, stage: str) -> dict:
+    """The part of the resolved config a stage reads: saved next to its checkpoints."""
+    out: dict = {}
+    tree = C.to_dict(cfg)
+    for key in STAGE_PARAMS[stage]:
+        node, dst = tree, out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node, dst = node[p], dst.setdefault(p, {})
+        dst[parts[-1]] = node[parts[-1]]
+    return out
+
+
+def _stage(cmd: str, stage: str, deps: list[str], outs: list[str], metrics: list[str] = (), plots: list = ()) -> dict:
+    d = {"cmd": cmd, "deps": [*deps, *_BASE_CODE, *STAGE_CODE[stage]], "params": list(STAGE_PARAMS[stage]),
+         "outs": list(outs)}
+    if metrics:
+        d["metrics"] = [{m: {"cache": False}} for m in metrics]
+    if plots:
+        d["plots"] = list(plots)
+    return d
+
+
+def dvc_yaml(cfg: C.Config, root: str = "runs") -> dict:
+    """The pipeline graph: prepare -> sft -> per iteration (generate, judge, meta_judge, pairs, train, evaluate)
+    -> report. DVC's foreach cannot chain items, so each item names its previous model explicitly."""
+    n = cfg.trainer.self_rewarding.max_iterations
+    sft = cfg.model.spin.first_iteration_sft
+    first = 1 if sft else 0
+    tiny = cfg.pretrained_checkpoint.restore_from_path is None
+    r = root
+    stages: dict = {
+        "prepare": _stage(f"harness prepare --root {r}", "prepare", [], [f"{r}/world", *([f"{r}/base"] if tiny else [])]),
+    }
+    base = f"{r}/base/model" if tiny else cfg.pretrained_checkpoint.restore_from_path
+    if sft:
+        stages["sft"] = _stage(f"harness sft --root {r}", "sft", [base, f"{r}/world"],
+                               [f"{r}/iter0/model", f"{r}/iter0/train_history.jsonl"], [f"{r}/iter0/train_metrics.json"])
+        stages["evaluate_sft"] = _stage(f"harness evaluate --root {r} --iteration 0", "evaluate",
+                                        [f"{r}/iter0/model", f"{r}/world"], [f"{r}/iter0/eval_answers.jsonl"],
+                                        [f"{r}/iter0/eval.json"])
+    items = [{"it": t, "prev": f"{r}/iter{t - 1}/model" if t > 0 else base} for t in range(first, n)]
+    it, d = "${item.it}", f"{r}/iter${{item.it}}"
+    per_iter = {
+        "generate": ([f"${{item.prev}}", f"{r}/world"], [f"{d}/responses.jsonl"], [f"{d}/generate_metrics.json"]),
+        "judge": ([f"${{item.prev}}", f"{d}/responses.jsonl"], [f"{d}/judged.jsonl"], [f"{d}/judge_metrics.json"]),
+        "meta_judge": ([f"${{item.prev}}", f"{d}/judged.jsonl"], [f"{d}/judge_pairs.jsonl"],
+                       [f"{d}/meta_judge_metrics.json"]),
+        "pairs": ([f"{d}/judged.jsonl", f"{d}/judge_pairs.jsonl"], [f"{d}/pairs.jsonl"], [f"{d}/pairs_metrics.json"]),
+        "train": ([f"${{item.prev}}", f"{d}/pairs.jsonl", f"{d}/pairs_metrics.json", f"{r}/world"],
+                  [f"{d}/model", f"{d}/train_history.jsonl"], [f"{d}/train_metrics.json"]),
+        "evaluate": ([f"{d}/model", f"{r}/world", *([f"{r}/iter0/eval_answers.jsonl"] if sft else [])],
+                     [f"{d}/eval_answers.jsonl"], [f"{d}/eval.json"]),
+    }
+    for name, (deps, outs, metrics) in per_iter.items():
+        body = _stage(f"harness {name} --root {r} --iteration {it}", name, deps, outs, metrics)
+        stages[name] = {"foreach": items, "do": body}
+    evals = [f"{r}/iter{t}/eval.json" for t in range(n)] if sft else [f"{r}/iter{t}/eval.json" for t in range(first, n)]
+    trained = [f"{r}/iter{t}/train_metrics.json" for t in range(n)]
+    stages["report"] = _stage(f"harness report --root {r} --out {r}/report", "report", [*evals, *trained],
+                              [f"{r}/report/report.md"], [f"{r}/report/metrics.json"],
+                              [{f"{r}/report/iterations.csv": {"cache": False, "x": "iteration", "y": [
+                                  "eval_oracle_reward", "eval_win_rate_vs_m1", "eval_judge_pairwise_acc"]}},
+                               {f"{r}/report/plots": {"cache": False}}])
+    return {"stages": stages}
+
+
+def render(cfg: C.Config) -> str:
+    head = ("# Generated by `harness pipeline write` from harness/pipeline.py (STAGE_PARAMS, STAGE_CODE) and\n"
+            "# params.yaml's trainer.self_rewarding.max_iterations / model.spin.first_iteration_sft. Do not edit.\n")
+    return head + yaml.safe_dump(dvc_yaml(cfg), sort_keys=False, width=120)
+
+
+def check(cfg: C.Config, path: Path = Path("dvc.yaml")) -> None:
+    if not path.exists() or path.read_text(encoding="utf-8") != render(cfg):
+        raise C.ConfigError(f"{path} does not match params.yaml (max_iterations={cfg.trainer.self_rewarding.max_iterations}"
+                            f", first_iteration_sft={cfg.model.spin.first_iteration_sft}): run `harness pipeline write`")

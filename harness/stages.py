@@ -1,0 +1,352 @@
+"""The pipeline's stages as pure functions of (input files, config, seed) -> output files (DESIGN.md: data flow).
+
+Paths come from `Layout`, the one place that names them (dvc.yaml lists the same). Every output is written
+atomically; a stage that fails writes nothing.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness import config as C
+from harness.data import sft as S
+from harness.io import DataError, read_json, read_jsonl, write_json, write_jsonl
+from harness.pipeline import stage_config
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path = Path("runs")
+
+    @property
+    def world(self) -> Path:
+        return self.root / "world"
+
+    @property
+    def base_model(self) -> Path:
+        return self.root / "base" / "model"
+
+    def it(self, t: int) -> Path:
+        return self.root / f"iter{t}"
+
+    def model(self, t: int) -> Path:
+        return self.it(t) / "model"
+
+    def resume(self, t: int) -> Path:
+        # Not a DVC output (DVC deletes outputs before a stage runs): survives a crash so the stage can resume.
+        return self.root / "resume" / f"iter{t}"
+
+
+def initial_model(cfg: C.Config, lay: Layout) -> Path:
+    return Path(cfg.pretrained_checkpoint.restore_from_path or lay.base_model)
+
+
+def model_before(cfg: C.Config, lay: Layout, t: int) -> Path:
+    """M_t, the model that iteration t starts from (generates, judges and is the reference)."""
+    return initial_model(cfg, lay) if t == 0 else lay.model(t - 1)
+
+
+def _use_world(cfg: C.Config) -> bool:
+    return cfg.pretrained_checkpoint.restore_from_path is None and cfg.model.data.train_ds.file_path is None
+
+
+def prompts_file(cfg: C.Config, lay: Layout, t: int) -> Path:
+    fp = cfg.model.data.train_ds.file_path
+    if fp is None:
+        return lay.world / f"prompts_{t}.jsonl"
+    return Path(fp[t] if isinstance(fp, list) else fp)
+
+
+def validation_file(cfg: C.Config, lay: Layout) -> Path | None:
+    fp = cfg.model.data.validation_ds.file_path
+    if fp is not None:
+        return Path(fp)
+    return lay.world / "validation.jsonl" if _use_world(cfg) else None
+
+
+def _load(cfg: C.Config, path: Path):
+    from harness.models.base import load_policy
+
+    return load_policy(path, backend=cfg.model.backend)
+
+
+def _render(cfg: C.Config, policy, rec_or_turns) -> str:
+    return S.render_prompt(rec_or_turns, cfg.model.data, tokenizer=policy.tokenizer)
+
+
+def _judge_prompt(cfg: C.Config, policy, question: str, response: str) -> str:
+    from harness.judging.templates import judge_text
+
+    return _render(cfg, policy, [{"from": S.USER, "value": judge_text(question, response, cfg.model.spin)}])
+
+
+# ----------------------------------------------------------------------------------------------------- prepare
+def prepare(cfg: C.Config, lay: Layout) -> dict:
+    """The task world (when no user data is configured) and the tiny base model M0 (when no checkpoint is)."""
+    from harness.judging.templates import judge_text
+
+    out = {}
+    if _use_world(cfg):
+        from harness.data.world import build_world
+
+        n_iter = cfg.trainer.self_rewarding.max_iterations
+        paths = build_world(cfg.world, cfg.seed, lambda p, r: judge_text(p, r, cfg.model.spin), lay.world, n_iter)
+        out["world_files"] = len(paths)
+    if cfg.pretrained_checkpoint.restore_from_path is None:
+        from harness.data.world import world_texts
+        from harness.models.hf import build_tiny
+        from harness.models.tokenizer import train_tokenizer
+
+        # The tokenizer sees the judge template too, so judge prompts are as short as the world's prompts.
+        texts = world_texts(2000, cfg.seed)
+        texts += [judge_text("q", "a", cfg.model.spin)]
+        tok = train_tokenizer(texts, cfg.model.tiny.vocab_size)
+        policy = build_tiny(cfg.model.tiny, tok, cfg.seed)
+        policy.save(lay.base_model, stage_config(cfg, "prepare"))
+        out["parameters"] = sum(p.numel() for p in policy.model.parameters())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- sft (iteration 0)
+def sft_examples(cfg: C.Config, lay: Layout, policy) -> tuple[list[tuple[str, str]], dict]:
+    """(prompt, answer) pairs of iteration 0: gold answers (IFT) and judge-training targets (EFT)."""
+    d = cfg.model.data
+    ift = Path(d.sft_ds.file_path) if d.sft_ds.file_path else (lay.world / "ift.jsonl" if _use_world(cfg) else None)
+    eft = Path(d.judge_train_ds.file_path) if d.judge_train_ds.file_path else (
+        lay.world / "eft.jsonl" if _use_world(cfg) else None)
+    if ift is None and eft is None:
+        raise DataError("first_iteration_sft needs model.data.sft_ds.file_path or model.data.judge_train_ds.file_path")
+    examples, counts = [], {}
+    for name, path in (("ift", ift), ("eft", eft)):
+        if path is None:
+            continue
+        rows = [r for r in S.read_sft(path) if S.gold_response(r) is not None]
+        examples += [(_render(cfg, policy, r), S.gold_response(r)) for r in rows]
+        counts[f"sft/{name}_examples"] = len(rows)
+    return examples, counts
+
+
+def validation_examples(cfg: C.Config, lay: Layout, policy) -> list[tuple[str, str]]:
+    path = validation_file(cfg, lay)
+    if path is None:
+        return []
+    rows = [r for r in S.read_sft(path) if S.gold_response(r) is not None]
+    return [(_render(cfg, policy, r), S.gold_response(r)) for r in rows]
+
+
+def _summary(history: list[dict]) -> dict:
+    """Last validation values and the mean of each train metric over the iteration's last epoch."""
+    out = {}
+    train = [h for h in history if "lr" in h]
+    last_epoch = [h for h in train if h["epoch"] == train[-1]["epoch"]] if train else []
+    for key in sorted({k for h in last_epoch for k in h} - {"step", "epoch"}):
+        vals = [h[key] for h in last_epoch if key in h]
+        out[key if "/" in key else f"train/{key}"] = sum(vals) / len(vals)
+    for h in history:
+        out.update({k: v for k, v in h.items() if k.startswith("val/")})
+    out["train/steps"] = len(train)
+    return out
+
+
+def run_sft(cfg: C.Config, lay: Layout) -> tuple[dict, list[dict]]:
+    from harness.train import train_sft
+
+    policy = _load(cfg, initial_model(cfg, lay))
+    examples, counts = sft_examples(cfg, lay, policy)
+    history = train_sft(policy, examples, cfg, validation=validation_examples(cfg, lay, policy), iteration=0,
+                        resume_dir=lay.resume(0))
+    policy.save(lay.model(0), stage_config(cfg, "sft"))
+    _clear_resume(lay, 0)
+    return {**counts, **_summary(history)}, history
+
+
+def _clear_resume(lay: Layout, t: int) -> None:
+    import shutil
+
+    shutil.rmtree(lay.resume(t), ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------- generate
+def run_generate(cfg: C.Config, lay: Layout, t: int) -> dict:
+    """N = num_responses_to_gen sampled responses per prompt from M_t."""
+    from harness.generation.sampler import generate
+
+    spin = cfg.model.spin
+    policy = _load(cfg, model_before(cfg, lay, t))
+    recs = S.read_sft(prompts_file(cfg, lay, t))
+    ids = [str(r.get("id", i)) for i, r in enumerate(recs)]
+    prompts = [_render(cfg, policy, r) for r in recs]
+    outs = generate(policy, prompts, num_samples=spin.num_responses_to_gen, sampling_params=spin.sampling_params,
+                    length_params=spin.length_params, seed_parts=[(cfg.seed, t, "response", i) for i in ids],
+                    batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"generate iter {t}")
+    rows = [{"id": i, "prompt": p, "question": S.user_text(r), "meta": r.get("meta"), "responses": o}
+            for i, p, r, o in zip(ids, prompts, recs, outs)]
+    write_jsonl(lay.it(t) / "responses.jsonl", rows)
+    resp = [x for o in outs for x in o]
+    return {"generate/responses": len(resp), "generate/mean_tokens": sum(x["num_tokens"] for x in resp) / len(resp),
+            "generate/is_end_rate": sum(x["is_end"] for x in resp) / len(resp)}
+
+
+# ----------------------------------------------------------------------------------------------------- judge
+def run_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
+    """k = num_evals_to_average judge samples per response, by M_t itself; mean and variance of valid scores."""
+    from harness.generation.sampler import generate
+    from harness.judging.aggregate import aggregate
+
+    spin = cfg.model.spin
+    policy = _load(cfg, model_before(cfg, lay, t))
+    rows = read_jsonl(lay.it(t) / "responses.jsonl")
+    prompts, parts = [], []
+    for row in rows:
+        for j, r in enumerate(row["responses"]):
+            prompts.append(_judge_prompt(cfg, policy, row["question"], r["text"]))
+            parts.append((cfg.seed, t, "judge", row["id"], j))
+    outs = generate(policy, prompts, num_samples=spin.num_evals_to_average, sampling_params=spin.sampling_params,
+                    length_params=spin.length_params, seed_parts=parts, batch_size=spin.rollout_micro_batch_size,
+                    progress=True, desc=f"judge iter {t}")
+    k, failed, total = 0, 0, 0
+    for row in rows:
+        for r in row["responses"]:
+            agg = aggregate([o["text"] for o in outs[k]], spin.judge_score_low, spin.judge_score_high,
+                            spin.judge_reward_regex)
+            r.update(agg)
+            failed, total, k = failed + agg["num_failed"], total + len(outs[k]), k + 1
+    write_jsonl(lay.it(t) / "judged.jsonl", rows)
+    means = [r["mean"] for row in rows for r in row["responses"] if r["mean"] is not None]
+    return {"judge/parse_failure_rate": failed / max(total, 1),
+            "judge/mean_score": sum(means) / len(means) if means else float("nan")}
+
+
+# ----------------------------------------------------------------------------------------------------- meta-judge
+def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
+    """Meta-Rewarding: judge pairs (chosen/rejected judgement) from the model judging its own judgements.
+
+    With use_meta_judge=false the stage writes an empty file, so dvc.yaml stays one static graph.
+    """
+    out = lay.it(t) / "judge_pairs.jsonl"
+    spin = cfg.model.spin
+    if not spin.use_meta_judge:
+        write_jsonl(out, [])
+        return {"meta/judge_pairs": 0}
+    from harness.generation.sampler import generate
+    from harness.judging import meta as M
+    from harness.judging.parse import parse_winner, strip_score
+    from harness.judging.templates import meta_judge_text
+
+    policy = _load(cfg, model_before(cfg, lay, t))
+    rows = read_jsonl(lay.it(t) / "judged.jsonl")
+    asks, keys = [], []  # one meta-judge prompt per (prompt, pair, order); results keyed by pair, never by position
+    plan = {}
+    for row in rows:
+        idx = M.select_response_for_meta(row["responses"])
+        if idx is None:
+            continue
+        resp = row["responses"][idx]
+        js = resp["judgements"]
+        pairs = M.judgement_pairs(js)
+        plan[row["id"]] = (idx, pairs)
+        for i, j in pairs:
+            a, b = strip_score(js[i]["text"], spin.judge_reward_regex), strip_score(js[j]["text"], spin.judge_reward_regex)
+            for order, (x, y) in (("ab", (a, b)), ("ba", (b, a))):
+                text = meta_judge_text(row["question"], resp["text"], x, y, spin)
+                asks.append(_render(cfg, policy, [{"from": S.USER, "value": text}]))
+                keys.append((row["id"], i, j, order))
+    outs = generate(policy, asks, num_samples=1, sampling_params=spin.sampling_params,
+                    length_params=spin.length_params, seed_parts=[(cfg.seed, t, "meta", *k) for k in keys],
+                    batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"meta-judge iter {t}")
+    verdicts = {k: parse_winner(o[0]["text"], spin.meta_judge_reward_regex) for k, o in zip(keys, outs)}
+    # NeMo-Aligner's cap: samples per epoch / (score range)^2 per chosen-judgement score class
+    cap = max(1.0, len(rows) / (spin.judge_score_high - spin.judge_score_low) ** 2)
+    quota = M.ScoreQuota(spin.judge_score_low, spin.judge_score_high, spin.meta_max_relative_pcnt, cap)
+    judge_pairs, stats = [], {"meta/prompts": len(plan), "meta/battles": 0, "meta/unparsed_verdicts": 0,
+                              "meta/bad_samples": 0, "meta/quota_rejected": 0}
+    for row in rows:
+        if row["id"] not in plan:
+            continue
+        idx, pairs = plan[row["id"]]
+        js = row["responses"][idx]["judgements"]
+        battles = {}
+        for i, j in pairs:
+            res = M.battle_outcome(verdicts[(row["id"], i, j, "ab")], verdicts[(row["id"], i, j, "ba")])
+            if res is None:
+                stats["meta/unparsed_verdicts"] += 1
+            else:
+                battles[(i, j)] = res
+        stats["meta/battles"] += len(battles)
+        sel = M.select_judge_pair(js, M.elo_scores(len(js), battles)) if battles else None
+        if sel is None:
+            stats["meta/bad_samples"] += 1
+            continue
+        c, r = sel
+        if not quota.accept(js[c]["score"]):
+            stats["meta/quota_rejected"] += 1
+            continue
+        judge_prompt = _judge_prompt(cfg, policy, row["question"], row["responses"][idx]["text"])
+        judge_pairs.append({"id": f"{row['id']}-judge", "kind": "judge", "prompt": judge_prompt,
+                            "chosen": js[c]["text"], "rejected": js[r]["text"],
+                            "chosen_score": js[c]["score"], "rejected_score": js[r]["score"]})
+    write_jsonl(out, judge_pairs)
+    return {**stats, "meta/judge_pairs": len(judge_pairs)}
+
+
+# ----------------------------------------------------------------------------------------------------- pairs
+def run_pairs(cfg: C.Config, lay: Layout, t: int) -> dict:
+    """Preference pairs by mean judge score (length control rho), bad samples counted, judge pairs mixed in."""
+    from harness.pairs import bad_sample_stats, mix_judge_pairs, select_pair
+
+    spin = cfg.model.spin
+    rho = C.schedule(spin.length_control, t)
+    rows = read_jsonl(lay.it(t) / "judged.jsonl")
+    judge_pairs = read_jsonl(lay.it(t) / "judge_pairs.jsonl")
+    policy_pairs, bad, bad_ends, chosen, rejected = [], 0, 0, [], []
+    for row in rows:
+        rs = row["responses"]
+        bad_ends += sum(not r["is_end"] for r in rs)
+        sel = select_pair(rs, rho)
+        if sel["bad"]:
+            bad += 1
+            continue
+        c, r = rs[sel["chosen"]], rs[sel["rejected"]]
+        policy_pairs.append({"id": row["id"], "kind": "policy", "prompt": row["prompt"], "chosen": c["text"],
+                             "rejected": r["text"], "chosen_score": c["mean"], "rejected_score": r["mean"],
+                             "chosen_tokens": c["num_tokens"], "rejected_tokens": r["num_tokens"]})
+        chosen.append(c)
+        rejected.append(r)
+    pcnt = spin.meta_judge_pcnt if spin.use_meta_judge else 0.0
+    rng = random.Random(f"{cfg.seed}:{t}:mix")
+    items, mix_stats = mix_judge_pairs(policy_pairs, judge_pairs, cfg.model.global_batch_size, pcnt, rng)
+    write_jsonl(lay.it(t) / "pairs.jsonl", items)
+    stats = bad_sample_stats(bad, bad_ends, len(rows), spin.num_responses_to_gen)
+    metrics = {
+        **{f"train/{k}": v for k, v in stats.items()},
+        "pairs/policy_pairs": len(policy_pairs), "pairs/judge_pairs": sum(x["kind"] == "judge" for x in items),
+        "pairs/length_control": rho,
+        **{f"pairs/{k}": v for k, v in mix_stats.items() if isinstance(v, (int, float))},
+    }
+    if chosen:
+        metrics["train/chosen_generated_rewards"] = sum(c["mean"] for c in chosen) / len(chosen)
+        metrics["train/rejected_generated_rewards"] = sum(r["mean"] for r in rejected) / len(rejected)
+        metrics["pairs/chosen_tokens"] = sum(c["num_tokens"] for c in chosen) / len(chosen)
+        metrics["pairs/rejected_tokens"] = sum(r["num_tokens"] for r in rejected) / len(rejected)
+    write_json(lay.it(t) / "pairs_metrics.json", metrics)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------- train
+def run_train(cfg: C.Config, lay: Layout, t: int) -> tuple[dict, list[dict]]:
+    """M_t -> M_{t+1} on the iteration's pairs; the reference is M_t."""
+    from harness.train import train_dpo
+
+    policy = _load(cfg, model_before(cfg, lay, t))
+    pairs = read_jsonl(lay.it(t) / "pairs.jsonl")
+    history = []
+    if pairs:
+        history = train_dpo(policy, pairs, cfg, iteration=t, validation=validation_examples(cfg, lay, policy),
+                            resume_dir=lay.resume(t))
+    policy.save(lay.model(t), stage_config(cfg, "train"))
+    _clear_resume(lay, t)
+    summary = _summary(history)
+    summary.update({k: v for k, v in read_json(lay.it(t) / "pairs_metrics.json").items() if k.startswith("train/")})
+    return summary, history

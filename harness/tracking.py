@@ -1,0 +1,151 @@
+"""MLflow: one run per pipeline execution, a child run per iteration, stages in separate processes attaching to both.
+
+    mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+A pipeline execution is identified by `harness.pipeline_key` = hash(resolved params, git commit): every stage of
+one `dvc repro` computes the same key and attaches to the newest parent run with that key that is not FINISHED
+(a crashed run is resumed, not duplicated). The report stage finishes it; a failing stage marks it FAILED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from harness import config as C
+
+PARENT_TAG, ITER_TAG = "harness.pipeline_key", "harness.iteration"
+
+
+def tracking_uri(cfg: C.Config) -> str:
+    return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def git_info() -> dict:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else False
+    return {"git_commit": commit or "none", "git_dirty": str(dirty).lower()}
+
+
+def pipeline_key(cfg: C.Config) -> str:
+    explicit = os.environ.get("HARNESS_PIPELINE_KEY")  # sweeps give each trial its own key
+    if explicit:
+        return explicit
+    return hashlib.sha256(f"{C.params_hash(cfg)}:{git_info()['git_commit']}".encode()).hexdigest()[:16]
+
+
+class Tracker:
+    """Thin wrapper over MlflowClient bound to one (parent, child) run pair."""
+
+    def __init__(self, client, run_id: str, parent_id: str):
+        self.client, self.run_id, self.parent_id = client, run_id, parent_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, *, parent: bool = False) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        rows = [Metric(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        for i in range(0, len(rows), 900):  # MLflow caps a batch at 1000 metrics
+            self.client.log_batch(self.parent_id if parent else self.run_id, metrics=rows[i:i + 900])
+
+    def log_history(self, history: list[dict]) -> None:
+        for row in history:
+            self.log_metrics({k: v for k, v in row.items() if "/" in k or k in ("lr", "grad_norm")}, step=row["step"])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None, *, parent: bool = False) -> None:
+        if Path(path).exists():
+            self.client.log_artifact(self.parent_id if parent else self.run_id, str(path), artifact_path)
+
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.client.tracking_uri)
+        mlflow.log_table(data=data, artifact_file=artifact_file, run_id=self.run_id)
+
+    def set_tags(self, tags: dict[str, str], *, parent: bool = False) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.parent_id if parent else self.run_id, k, str(v))
+
+
+def _find_or_create(client, exp_id: str, filt: str, tags: dict, name: str) -> tuple[str, bool]:
+    runs = client.search_runs([exp_id], filter_string=filt, order_by=["attributes.start_time DESC"], max_results=5)
+    for r in runs:
+        if r.info.status != "FINISHED" or ITER_TAG in tags:
+            client.update_run(r.info.run_id, status="RUNNING")
+            return r.info.run_id, False
+    run = client.create_run(exp_id, tags={**tags, "mlflow.runName": name}, run_name=name)
+    return run.info.run_id, True
+
+
+@contextlib.contextmanager
+def stage_run(cfg: C.Config, stage: str, iteration: int | None = None, *, finish_parent: bool = False
+              ) -> Iterator[Tracker | None]:
+    """Attach this stage to the pipeline's parent run (and the iteration's child); mark FAILED on any error."""
+    if not cfg.tracking.enabled:
+        yield None
+        return
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment_name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment_name)
+    key = pipeline_key(cfg)
+    parent_id, created = _find_or_create(client, exp_id, f"tags.`{PARENT_TAG}` = '{key}'",
+                                         {PARENT_TAG: key}, cfg.exp_manager.name)
+    if created:
+        _log_params(client, parent_id, cfg)
+    run_id = parent_id
+    if iteration is not None:
+        run_id, created_child = _find_or_create(
+            client, exp_id, f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`{ITER_TAG}` = '{iteration}'",
+            {ITER_TAG: str(iteration), "mlflow.parentRunId": parent_id},
+            f"iteration-{iteration}")
+        if created_child:
+            _log_params(client, run_id, cfg)
+    tracker = Tracker(client, run_id, parent_id)
+    tracker.set_tags({"harness.last_stage": stage, "dvc_experiment": os.environ.get("DVC_EXP_NAME", "workspace")},
+                     parent=True)
+    try:
+        yield tracker
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        if run_id != parent_id:
+            client.set_terminated(parent_id, "FAILED")
+        raise
+    if run_id != parent_id:
+        client.set_terminated(run_id, "FINISHED")
+    if finish_parent:
+        client.set_terminated(parent_id, "FINISHED")
+
+
+def _log_params(client, run_id: str, cfg: C.Config) -> None:
+    from mlflow.entities import Param
+
+    from harness.determinism import fingerprint
+
+    flat = C.flatten(C.to_dict(cfg))
+    params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flat.items()]
+    for i in range(0, len(params), 90):  # MLflow caps a batch at 100 params
+        client.log_batch(run_id, params=params[i:i + 90])
+    tags = {**git_info(), "params_hash": C.params_hash(cfg)}
+    tags.update({f"env.{k}": str(v) for k, v in fingerprint().items()})
+    for k, v in tags.items():
+        client.set_tag(run_id, k, v)
+
+
+def file_tag(path: str | Path) -> str:
+    from harness.io import file_hash
+
+    return file_hash(path)[:16] if Path(path).is_file() else "none"
