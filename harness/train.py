@@ -70,11 +70,11 @@ def _logits(model, ids, attn) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------- resume state
 def _save_state(path: Path, model, opt, step: int, history: list, extra: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file, save_model
 
     with atomic_path(path) as tmp:
         tmp.mkdir()
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
         if extra:
             save_file(extra, str(tmp / "extra.safetensors"))
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
@@ -82,11 +82,11 @@ def _save_state(path: Path, model, opt, step: int, history: list, extra: dict[st
 
 
 def _load_state(path: Path, model, opt) -> tuple[int, list, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, load_model
 
     try:
         state = read_json(path / "state.json")
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        load_model(model, str(path / "model.safetensors"))
         # weights_only: the optimizer file is tensors and numbers; never unpickle arbitrary objects.
         opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         extra = load_file(str(path / "extra.safetensors")) if (path / "extra.safetensors").exists() else {}

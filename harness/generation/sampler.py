@@ -4,12 +4,12 @@
                          seed_parts=[(seed, iteration, pid) for pid in prompt_ids])
 
 Determinism: sample j of prompt i draws every random number from item_generator(*seed_parts[i], j) (one uniform per
-step, drawn up front), and all per-row maths (penalties, softmax, top-k/p, inverse CDF) works row by row. So a
-response never depends on batch size, prompt order or worker count, up to float rounding of the batched GEMMs,
-which could only matter for a uniform landing within ~1e-7 of a CDF boundary (or an exact-tie argmax).
+step, drawn up front), and all per-row maths (penalties, softmax, top-k/p, inverse CDF) works row by row. On the
+LeanLlama path the logits themselves are bit-identical in any batch on CPU (see ROW_ALIGN), so a response never
+depends on batch size, prompt order or worker count. The HF fallback path is invariant only up to GEMM rounding.
 
-Speed: a Llama-family model runs through LeanLlama (fused QKV and gate/up weights, a preallocated KV cache, SDPA,
-no per-layer Python beyond the kernels); any other model goes through its own HF forward with a DynamicCache.
+Speed: a Llama-family model runs through LeanLlama (fused QKV and gate/up weights, a preallocated KV cache, matmul
+attention, no per-layer Python beyond the kernels); any other model goes through its own HF forward + DynamicCache.
 Each prompt is prefilled once and its cache copied to its samples (prefix sharing).
 """
 
@@ -25,12 +25,16 @@ from harness.determinism import item_generator
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")  # same block; qwen2 adds q/k/v biases
 FUSE_MAX_PARAMS = 200_000_000  # fusing copies the weights once per call: fine for small models, not for a 7B
+# Batch invariance on CPU (MKL): a GEMM row's result depends on the row count only through its M mod 4 tail, and a
+# softmax/matmul over keys is unchanged by masked trailing keys when the key count is a multiple of 64. So rows are
+# padded to ROW_ALIGN and key lengths to KV_ALIGN, and a response's logits are bit-identical in any batch.
+ROW_ALIGN, KV_ALIGN = 8, 64
 
 
 class LeanLlama:
     """A Llama-family forward over a preallocated KV cache, reading the weights of an HF LlamaForCausalLM.
 
-    Use: prefill(ids, valid, rep_idx, max_new) -> logits of each row's last prompt token; step(tok) -> next logits;
+    Use: prefill(ids, lengths, rep_idx, max_new) -> logits of each row's last prompt token; step(tok) -> next logits;
     select(idx) keeps only those rows (drops finished sequences). Matches HF's logits to float rounding.
     """
 
@@ -66,6 +70,7 @@ class LeanLlama:
         self.embed, self.norm, self.lm_head = m.embed_tokens.weight, m.norm.weight, model.lm_head.weight
         self.inv_freq, self.rope_scale = m.rotary_emb.inv_freq, float(m.rotary_emb.attention_scaling)
         self.dtype, self.device = self.embed.dtype, self.embed.device
+        self.scale = self.hd ** -0.5
 
     # ---------------------------------------------------------------------------------------------- pieces
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -86,12 +91,16 @@ class LeanLlama:
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + x.roll(self.hd // 2, dims=-1) * sin
 
-    def _forward(self, x, pos, mask, kc, vc, col: int, kv_len: int) -> torch.Tensor:
-        """x [B,T,H] at positions pos [B,T]; writes K/V into cache columns col.. col+T; attends to :kv_len."""
+    def _forward(self, x, pos, mask, kc, vc, write, kv_len: int) -> torch.Tensor:
+        """x [B,T,H] at positions pos [B,T]; write(cache, kv [B,T,nkv,hd]) stores K/V; attends to :kv_len.
+
+        Attention is plain matmul + softmax (not SDPA): with kv_len a multiple of KV_ALIGN its result for a row does
+        not depend on the other rows or on masked trailing columns (SDPA's does), and it is faster at these sizes.
+        """
         B, T, _ = x.shape
         nh, nkv, hd = self.nh, self.nkv, self.hd
+        g = nh // nkv
         cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [B,T,1,hd]
-        gqa = nh != nkv
         for li, (w1, wq, bq, wo, w2, wgu, wd) in enumerate(self.layers):
             h = self._rms(x, w1)
             if self.fused:
@@ -103,72 +112,107 @@ class LeanLlama:
                 q = self._rotate(F.linear(h, wq[0], bs[0]).view(B, T, nh, hd), cos, sin)
                 k = self._rotate(F.linear(h, wq[1], bs[1]).view(B, T, nkv, hd), cos, sin)
                 v = F.linear(h, wq[2], bs[2]).view(B, T, nkv, hd)
-            kc[li][:, :, col:col + T] = k.transpose(1, 2)
-            vc[li][:, :, col:col + T] = v.transpose(1, 2)
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), kc[li][:, :, :kv_len], vc[li][:, :, :kv_len],
-                                               attn_mask=mask, enable_gqa=gqa)
-            x = x + F.linear(a.transpose(1, 2).reshape(B, T, nh * hd), wo)
+            write(kc[li], k)
+            write(vc[li], v)
+            # GQA without copying K/V: the g query heads of one kv head become g*T query rows of one matmul.
+            q = q.permute(0, 2, 1, 3).reshape(B, nkv, g * T, hd)
+            s = torch.matmul(q, kc[li][:, :, :kv_len].transpose(-1, -2)) * self.scale
+            s = s.masked_fill(mask, float("-inf"))
+            a = torch.matmul(torch.softmax(s, dim=-1), vc[li][:, :, :kv_len])  # [B,nkv,g*T,hd]
+            a = a.view(B, nh, T, hd).transpose(1, 2).reshape(B, T, nh * hd)
+            x = x + F.linear(a, wo)
             h = self._rms(x, w2)
             if self.fused:
-                g, u = F.linear(h, wgu).chunk(2, dim=-1)
+                gate, up = F.linear(h, wgu).chunk(2, dim=-1)
             else:
-                g, u = F.linear(h, wgu[0]), F.linear(h, wgu[1])
-            x = x + F.linear(F.silu(g) * u, wd)
+                gate, up = F.linear(h, wgu[0]), F.linear(h, wgu[1])
+            x = x + F.linear(F.silu(gate) * up, wd)
         return self._rms(x, self.norm)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """lm_head on [N,H] rows, padded to ROW_ALIGN rows so a row's logits never depend on N."""
+        n = h.shape[0]
+        pad = -n % ROW_ALIGN
+        if pad:
+            h = torch.cat([h, h.new_zeros(pad, h.shape[1])])
+        return F.linear(h, self.lm_head)[:n].float()
 
     def _cache(self, B: int, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         shape = (B, self.nkv, n, self.hd)
         mk = lambda: [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]  # noqa: E731
         return mk(), mk()
 
-    def _prefill_hidden(self, ids: torch.Tensor, valid: torch.Tensor, extra: int = 0):
-        """Hidden states [P,T,H] of left-padded prompts, and their K/V in caches of length T + extra."""
+    def _prefill_hidden(self, ids: torch.Tensor, extra: int = 0):
+        """Hidden states [P,T,H] of right-padded prompts (T a multiple of ROW_ALIGN) and their K/V caches.
+
+        Right padding puts every prompt at column 0, so a prompt's numbers never depend on its neighbours; causal
+        attention alone keeps real tokens off the pads, and pad rows (finite garbage) are never read.
+        """
         P, T = ids.shape
         self._rope_table(T + extra)
-        pos = (valid.long().cumsum(1) - 1).clamp(min=0)
-        causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
-        # A pad query may see itself: a fully masked row would give NaN, and NaN K/V would poison the cache.
-        eye = torch.eye(T, dtype=torch.bool, device=self.device)
-        mask = (causal & (valid[:, None, :] | eye))[:, None]
-        kc, vc = self._cache(P, T)
-        h = self._forward(F.embedding(ids, self.embed), pos, mask, kc, vc, 0, T)
-        return h, pos, kc, vc
+        pos = torch.arange(T, device=self.device).expand(P, T)
+        n = T + -T % KV_ALIGN  # keys padded (zeros, masked) so the attention reductions are batch-invariant
+        mask = (torch.arange(n, device=self.device)[None] > torch.arange(T, device=self.device)[:, None])
+        mask = mask.repeat(self.nh // self.nkv, 1)
+        kc, vc = self._cache(P, n)
+
+        def write(cache, kv):
+            cache[:, :, :T] = kv.transpose(1, 2)
+
+        return self._forward(F.embedding(ids, self.embed), pos, mask, kc, vc, write, n), kc, vc
 
     # ---------------------------------------------------------------------------------------------- public
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits [B,T,V] of a left-padded batch (for tests and scoring); pad positions are meaningless."""
-        h, _, _, _ = self._prefill_hidden(input_ids, attention_mask.bool())
-        return F.linear(h, self.lm_head)
+        """Logits [B,T,V] of a right-padded batch (as Policy.forward_logits); pad positions are meaningless."""
+        B, T = input_ids.shape
+        ids = F.pad(input_ids, (0, -T % ROW_ALIGN))
+        return F.linear(self._prefill_hidden(ids)[0][:, :T], self.lm_head)
 
-    def prefill(self, ids: torch.Tensor, valid: torch.Tensor, rep_idx: torch.Tensor, max_new: int) -> torch.Tensor:
-        """Prefill P prompts once, copy each one's cache to its rows (rep_idx [B] -> prompt), return [B,V] logits."""
+    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, rep_idx: torch.Tensor, max_new: int) -> torch.Tensor:
+        """Prefill P right-padded prompts once, copy each one's cache to its rows (rep_idx [B] -> prompt index);
+        return the [B,V] logits of every row's last prompt token."""
         P, T = ids.shape
-        h, pos, kp, vp = self._prefill_hidden(ids, valid, max_new)
-        B = rep_idx.numel()
-        self.kc, self.vc = self._cache(B, T + max_new)
+        ids = F.pad(ids, (0, -T % ROW_ALIGN))  # P*T rows: a multiple of ROW_ALIGN
+        h, kp, vp = self._prefill_hidden(ids, max_new)
+        self.B = rep_idx.numel()
+        idx = _align_rows(rep_idx)
+        n = ids.shape[1] + max_new
+        self.kc, self.vc = self._cache(idx.numel(), n + -n % KV_ALIGN)
         for li in range(len(self.layers)):
-            self.kc[li][:, :, :T] = kp[li].index_select(0, rep_idx)
-            self.vc[li][:, :, :T] = vp[li].index_select(0, rep_idx)
-        self.key_valid = torch.zeros(B, T + max_new, dtype=torch.bool, device=self.device)
-        self.key_valid[:, :T] = valid.index_select(0, rep_idx)
-        self.pos = pos[:, -1].index_select(0, rep_idx) + 1  # next position of every row
-        self.col = T  # next cache column (shared: prompts are left-padded to one length)
-        return F.linear(h[:, -1], self.lm_head).index_select(0, rep_idx).float()
+            self.kc[li][:, :, : ids.shape[1]] = kp[li][:, :, : ids.shape[1]].index_select(0, idx)
+            self.vc[li][:, :, : ids.shape[1]] = vp[li][:, :, : ids.shape[1]].index_select(0, idx)
+        self.col = lengths.index_select(0, idx)  # next cache column = next position of every row
+        last = h[torch.arange(P, device=self.device), lengths - 1]
+        return self._head(last).index_select(0, rep_idx)
 
     def step(self, tok: torch.Tensor) -> torch.Tensor:
         """Feed one token per row; return the next logits [B,V]."""
-        c = self.col
-        self.key_valid[:, c] = True
-        mask = self.key_valid[:, None, None, : c + 1]
-        h = self._forward(F.embedding(tok[:, None], self.embed), self.pos[:, None], mask, self.kc, self.vc, c, c + 1)
-        self.pos = self.pos + 1
-        self.col = c + 1
-        return F.linear(h[:, 0], self.lm_head).float()
+        n, col = self.col.numel(), self.col
+        tok = torch.cat([tok, tok[:1].expand(n - tok.numel())])
+        rows = torch.arange(n, device=self.device)
+
+        def write(cache, kv):
+            cache[rows, :, col] = kv[:, 0]
+
+        kv_len = int(col.max()) + 1
+        kv_len = min(kv_len + -kv_len % KV_ALIGN, self.kc[0].shape[2])
+        mask = (torch.arange(kv_len, device=self.device) > col[:, None])[:, None, None]
+        h = self._forward(F.embedding(tok[:, None], self.embed), col[:, None], mask, self.kc, self.vc, write, kv_len)
+        self.col = col + 1
+        return self._head(h[:, 0])[: self.B]
 
     def select(self, idx: torch.Tensor) -> None:
+        self.B = idx.numel()
+        idx = _align_rows(idx)
         self.kc = [k.index_select(0, idx) for k in self.kc]
         self.vc = [v.index_select(0, idx) for v in self.vc]
-        self.key_valid, self.pos = self.key_valid.index_select(0, idx), self.pos.index_select(0, idx)
+        self.col = self.col.index_select(0, idx)
+
+
+def _align_rows(idx: torch.Tensor) -> torch.Tensor:
+    """Pad a row index to a multiple of ROW_ALIGN with copies of its first row (results of the copies are unused)."""
+    pad = -idx.numel() % ROW_ALIGN
+    return torch.cat([idx, idx[:1].expand(pad)]) if pad else idx
 
 
 class HFRunner:
@@ -185,10 +229,14 @@ class HFRunner:
         self.cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None) or self.cache
         return out.logits[:, -1].float()
 
-    def prefill(self, ids, valid, rep_idx, max_new):
+    def prefill(self, ids, lengths, rep_idx, max_new):
         from transformers import DynamicCache
 
-        self.cache, self.mask = DynamicCache(), valid.long()
+        # Right- to left-padded: an appending cache needs every row's last prompt token in the last column.
+        T = ids.shape[1]
+        shift = (torch.arange(T, device=ids.device)[None] - (T - lengths[:, None])) % T
+        ids = ids.gather(1, shift)
+        self.cache, self.mask = DynamicCache(), (shift < lengths[:, None]).long()
         pos = (self.mask.cumsum(1) - 1).clamp(min=0)
         logits = self._call(ids, pos)
         self.cache.batch_select_indices(rep_idx)
@@ -321,17 +369,15 @@ def _generate_batch(runner, policy, enc, batch, seed_parts, sp, lp, ends: EndStr
     uniq = list(dict.fromkeys(i for i, _ in batch))
     slot = {i: k for k, i in enumerate(uniq)}
     rep_idx = torch.tensor([slot[i] for i, _ in batch], device=device)
-    T = max(len(enc[i]) for i in uniq)
-    ids = torch.full((len(uniq), T), policy.pad_token_id, dtype=torch.long)
-    valid = torch.zeros(len(uniq), T, dtype=torch.bool)
-    for k, i in enumerate(uniq):  # left padding: every row's last prompt token sits in the same column
-        ids[k, T - len(enc[i]):] = torch.tensor(enc[i])
-        valid[k, T - len(enc[i]):] = True
+    lengths = torch.tensor([len(enc[i]) for i in uniq])
+    ids = torch.full((len(uniq), int(lengths.max())), policy.pad_token_id, dtype=torch.long)
+    for k, i in enumerate(uniq):  # right padding (LeanLlama keeps every prompt at column 0)
+        ids[k, : len(enc[i])] = torch.tensor(enc[i])
     B, max_new, min_len = len(batch), lp.max_length, lp.min_length
     # All of a sample's randomness, drawn up front from its own generator: step s uses u[:, s].
     u = None if sp.use_greedy else torch.stack(
         [torch.rand(max_new, generator=item_generator(*seed_parts[i], j)) for i, j in batch]).to(device)
-    logits = runner.prefill(ids.to(device), valid.to(device), rep_idx, max_new)
+    logits = runner.prefill(ids.to(device), lengths.to(device), rep_idx, max_new)
     presence = None  # [B, V] tokens seen so far (prompt included), for the repetition penalty
     if sp.repetition_penalty != 1.0:
         presence = torch.zeros(len(uniq), logits.shape[1], dtype=torch.bool)
