@@ -44,7 +44,7 @@ def _setup(args) -> tuple[C.Config, object]:
     cfg = load_config(args)
     determinism.set_threads()
     determinism.seed_everything(cfg.seed)
-    return cfg, Layout(Path(args.root))
+    return cfg, Layout(Path(args.root or cfg.exp_manager.explicit_log_dir or "runs"))
 
 
 def _iteration(cfg: C.Config, t: int, *, sft: bool = False) -> int:
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def stage_parser(name: str, help: str, func, iteration: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
-        p.add_argument("--root", default="runs", help="pipeline output directory (default: runs)")
+        p.add_argument("--root", default=None, help="output directory (default: exp_manager.explicit_log_dir or runs)")
         if iteration:
             p.add_argument("--iteration", "-i", type=int, required=True, help="absolute iteration t (0 = SFT)")
         _add_config_args(p)

@@ -18,7 +18,7 @@ MEANING = {
     "trainer.self_rewarding.limit_val_batches": "fraction of the validation set used at each check",
     "trainer.self_rewarding.gradient_clip_val": "clip the gradient norm to this (0 = off)",
     "trainer.self_rewarding.trt_llm.enable": "TensorRT-LLM generation; not installable from PyPI, must stay false here",
-    "exp_manager.explicit_log_dir": "where the pipeline writes its stage outputs (runs/<name> by default)",
+    "exp_manager.explicit_log_dir": "root of the stage outputs (null = runs/); dvc.yaml is generated with it",
     "exp_manager.exp_dir": "parent of the log dir when explicit_log_dir is null",
     "exp_manager.name": "experiment name: log dir name and MLflow run name",
     "pretrained_checkpoint.restore_from_path": "local Hugging Face model dir (safetensors); null = tiny embedded model",

@@ -86,14 +86,14 @@ def _stage(cmd: str, stage: str, deps: list[str], outs: list[str], metrics: list
     return d
 
 
-def dvc_yaml(cfg: C.Config, root: str = "runs") -> dict:
+def dvc_yaml(cfg: C.Config) -> dict:
     """The pipeline graph: prepare -> sft -> per iteration (generate, judge, meta_judge, pairs, train, evaluate)
     -> report. DVC's foreach cannot chain items, so each item names its previous model explicitly."""
     n = cfg.trainer.self_rewarding.max_iterations
     sft = cfg.model.spin.first_iteration_sft
     first = 1 if sft else 0
     tiny = cfg.pretrained_checkpoint.restore_from_path is None
-    r = root
+    r = cfg.exp_manager.explicit_log_dir or "runs"
     stages: dict = {
         "prepare": _stage(f"harness prepare --root {r}", "prepare", [], [f"{r}/world", *([f"{r}/base"] if tiny else [])]),
     }
@@ -124,10 +124,11 @@ def dvc_yaml(cfg: C.Config, root: str = "runs") -> dict:
     trained = [f"{r}/iter{t}/train_metrics.json" for t in range(n)]
     stages["report"] = _stage(f"harness report --root {r} --out {r}/report", "report", [*evals, *trained],
                               [f"{r}/report/report.md"], [f"{r}/report/metrics.json"],
-                              [{f"{r}/report/iterations.csv": {"cache": False, "x": "iteration", "y": [
-                                  "eval_oracle_reward", "eval_win_rate_vs_m1", "eval_judge_pairwise_acc"]}},
-                               {f"{r}/report/plots": {"cache": False}}])
-    return {"stages": stages}
+                              [{f"{r}/report/iterations.csv": {"cache": False}}, {f"{r}/report/plots": {"cache": False}}])
+    cols = ["eval_oracle_reward", "eval_win_rate_vs_m1", "eval_judge_pairwise_acc", "eval_judge_spearman"]
+    plots = [{"policy and judge over iterations": {"x": "iteration", "y": {f"{r}/report/iterations.csv": cols}}},
+             f"{r}/report/plots"]
+    return {"stages": stages, "plots": plots}
 
 
 def render(cfg: C.Config) -> str:
