@@ -1,0 +1,169 @@
+"""The product's main job end to end: `dvc repro` on the smoke experiment against a real MLflow server.
+
+One project runs the pipeline once (module fixture); the tests then check caching, param-scoped re-runs, DVC's
+experiment commands, what MLflow holds, and the failure path. A second project is killed with SIGKILL inside a
+training stage and resumed: its outputs must equal the first project's, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from harness.io import tree_hash
+from tests.conftest import env, make_project, run
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination", str(d / "artifacts"),
+         "--workers", "1"], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("mlflow server did not start")
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory, server):
+    proj = make_project(tmp_path_factory.mktemp("a") / "proj", overrides=["tracking.enabled=true"])
+    e = {**env(), "MLFLOW_TRACKING_URI": server}
+    t0 = time.time()
+    out = run(["dvc", "repro"], proj, env=e).stdout
+    return {"proj": proj, "env": e, "uri": server, "stdout": out, "seconds": time.time() - t0}
+
+
+def outputs(proj: Path) -> dict[str, str]:
+    files = [p for p in (proj / "runs").rglob("*") if p.is_file() and ".gitignore" not in p.name
+             and "resume" not in p.parts]
+    return {str(p.relative_to(proj)): tree_hash(p) for p in sorted(files)}
+
+
+def ran(stdout: str) -> set[str]:
+    return {line.split("'")[1] for line in stdout.splitlines() if line.startswith("Running stage")}
+
+
+def test_repro_writes_every_stage_output(repro):
+    proj = repro["proj"]
+    for t in range(3):
+        assert (proj / f"runs/iter{t}/model/model.safetensors").exists()
+        assert "eval/oracle_reward" in json.loads((proj / f"runs/iter{t}/eval.json").read_text())
+    assert "| policy: mean oracle score" in (proj / "runs/report/report.md").read_text()
+    assert {p.name for p in (proj / "runs/report/plots").iterdir()} >= {"oracle_reward.png", "win_rate.png"}
+    assert {"prepare", "sft", "generate@1", "train@2", "report"} <= ran(repro["stdout"])
+
+
+def test_second_repro_does_no_work(repro):
+    out = run(["dvc", "repro"], repro["proj"], env=repro["env"]).stdout
+    assert ran(out) == set(), out
+
+
+def test_sigkill_in_training_then_repro_gives_identical_outputs(repro, tmp_path):
+    proj = make_project(tmp_path / "b")  # tracking off: outputs must not depend on it
+    e = env()
+    proc = subprocess.Popen(["dvc", "repro"], cwd=proj, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    state = proj / "runs/resume/iter0/state.json"
+    for _ in range(1200):
+        if state.exists() or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert state.exists(), "training never saved a resume point"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (proj / "runs/iter0/model").exists()  # nothing half-written
+    run(["dvc", "repro"], proj, env=e)
+    a, b = outputs(repro["proj"]), outputs(proj)  # two fresh directories, one of them killed and resumed
+    assert a.keys() == b.keys()
+    diff = [k for k in a if a[k] != b[k]]
+    assert not diff, diff
+
+
+def test_mlflow_has_run_children_metrics_params_artifacts(repro):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(repro["uri"])
+    exp = client.get_experiment_by_name("self-rewarding")
+    parents = [r for r in client.search_runs([exp.experiment_id]) if "harness.pipeline_key" in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["model.spin.length_control"] == "[0, 0, 0.1]"
+    assert parent.data.params["model.spin.use_meta_judge"] == "True"
+    for tag in ("git_commit", "git_dirty", "params_hash", "dvc_lock_hash", "env.torch", "dvc_experiment"):
+        assert tag in parent.data.tags, tag
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["harness.iteration"] for c in children) == ["0", "1", "2"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    history = client.get_metric_history(parent.info.run_id, "eval/oracle_reward")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    child1 = next(c for c in children if c.data.tags["harness.iteration"] == "1")
+    assert "train/bad_samples_per_GBS" in child1.data.metrics and "judge/parse_failure_rate" in child1.data.metrics
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"dvc.lock", "params.yaml", "report"} <= arts
+    assert "pairs_sample.json" in {a.path for a in client.list_artifacts(child1.info.run_id)}
+
+
+def test_length_control_change_reruns_pairs_not_generate_or_judge(repro):
+    proj, e = repro["proj"], repro["env"]
+    out = run(["dvc", "exp", "run", "-S", "model.spin.length_control=[0,0,0.3]"], proj, env=e).stdout
+    stages = ran(out)
+    assert "pairs@2" in stages
+    assert not any(s.startswith(("generate", "judge", "prepare", "sft")) for s in stages), stages
+    assert "model.spin.length_control" in run(["dvc", "params", "diff"], proj, env=e).stdout
+    shown = run(["dvc", "exp", "show", "--no-pager", "--md"], proj, env=e).stdout
+    assert "eval/oracle_reward" in shown or "oracle_reward" in shown
+    run(["dvc", "metrics", "diff"], proj, env=e)
+    plots = run(["dvc", "plots", "show", "--json"], proj, env=e).stdout
+    assert "iterations.csv" in plots
+
+
+def test_corrupt_input_stops_the_stage_and_marks_mlflow_failed(repro):
+    from mlflow import MlflowClient
+
+    proj, e = repro["proj"], repro["env"]
+    responses = proj / "runs/iter1/responses.jsonl"
+    lines = responses.read_text().splitlines()
+    lines[2] = lines[2][:40]
+    responses.write_text("\n".join(lines) + "\n")
+    judged = proj / "runs/iter1/judged.jsonl"
+    judged.unlink()
+    p = run(["harness", "judge", "--iteration", "1"], proj, env=e, check=False)
+    assert p.returncode != 0
+    assert "runs/iter1/responses.jsonl:3: malformed JSON" in p.stderr
+    assert not judged.exists()
+    client = MlflowClient(repro["uri"])
+    exp = client.get_experiment_by_name("self-rewarding")
+    failed = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FAILED'")
+    assert {r.data.tags.get("harness.iteration") for r in failed} >= {"1", None}

@@ -1,0 +1,49 @@
+"""dvc.yaml is generated from what each stage reads: in sync with params.yaml, and a param re-runs only its readers."""
+
+import yaml
+
+from harness import config as C
+from harness import pipeline
+from tests.conftest import ROOT
+
+
+def test_committed_dvc_yaml_matches_params_yaml():
+    cfg = C.load(ROOT / "params.yaml", warn=None)
+    pipeline.check(cfg, ROOT / "dvc.yaml")
+
+
+def test_params_yaml_lists_every_key_dvc_tracks():
+    flat = C.flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    for stage, keys in pipeline.STAGE_PARAMS.items():
+        for key in keys:
+            assert key in flat or any(k.startswith(key + ".") for k in flat), (stage, key)
+
+
+def readers(key: str) -> set[str]:
+    return {s for s, keys in pipeline.STAGE_PARAMS.items() if key in keys}
+
+
+def test_length_control_reruns_pairs_not_generate_or_judge():
+    assert readers("model.spin.length_control") == {"pairs"}  # train/evaluate follow through pairs.jsonl
+    assert readers("model.spin.ref_policy_kl_penalty") == {"train"}
+    assert readers("model.optim.lr") == {"train"}
+    assert readers("model.spin.meta_judge_pcnt") == {"pairs"}
+
+
+def test_iterations_follow_max_iterations():
+    cfg = C.load(None, ["trainer.self_rewarding.max_iterations=5", "model.spin.first_iteration_sft=true"], warn=None)
+    d = pipeline.dvc_yaml(cfg)
+    assert [i["it"] for i in d["stages"]["generate"]["foreach"]] == [1, 2, 3, 4]
+    assert d["stages"]["generate"]["foreach"][0]["prev"] == "runs/iter0/model"
+    assert d["stages"]["generate"]["foreach"][3]["prev"] == "runs/iter3/model"
+    cfg = C.load(None, ["trainer.self_rewarding.max_iterations=2", "pretrained_checkpoint.restore_from_path=/m"],
+                 warn=None)
+    d = pipeline.dvc_yaml(cfg)
+    assert "sft" not in d["stages"] and d["stages"]["generate"]["foreach"][0] == {"it": 0, "prev": "/m"}
+
+
+def test_stage_config_is_the_subset_the_stage_reads():
+    cfg = C.load(None, ["model.spin.length_control=0.3"], warn=None)
+    sub = pipeline.stage_config(cfg, "train")
+    assert "length_control" not in sub["model"]["spin"] and sub["model"]["optim"]["lr"] == cfg.model.optim.lr
+    assert pipeline.stage_config(cfg, "pairs")["model"]["spin"]["length_control"] == 0.3
