@@ -104,15 +104,16 @@ def dvc_yaml(cfg: C.Config) -> dict:
         stages["evaluate_sft"] = _stage(f"harness evaluate --root {r} --iteration 0", "evaluate",
                                         [f"{r}/iter0/model", f"{r}/world"], [f"{r}/iter0/eval_answers.jsonl"],
                                         [f"{r}/iter0/eval.json"])
-    items = [{"it": t, "prev": f"{r}/iter{t - 1}/model" if t > 0 else base} for t in range(first, n)]
+    # a dict (not a list) so DVC names the stages generate@1, generate@2, ... after the iteration
+    items = {str(t): {"it": t, "prev": f"{r}/iter{t - 1}/model" if t > 0 else base} for t in range(first, n)}
     it, d = "${item.it}", f"{r}/iter${{item.it}}"
     per_iter = {
-        "generate": ([f"${{item.prev}}", f"{r}/world"], [f"{d}/responses.jsonl"], [f"{d}/generate_metrics.json"]),
-        "judge": ([f"${{item.prev}}", f"{d}/responses.jsonl"], [f"{d}/judged.jsonl"], [f"{d}/judge_metrics.json"]),
-        "meta_judge": ([f"${{item.prev}}", f"{d}/judged.jsonl"], [f"{d}/judge_pairs.jsonl"],
+        "generate": (["${item.prev}", f"{r}/world"], [f"{d}/responses.jsonl"], [f"{d}/generate_metrics.json"]),
+        "judge": (["${item.prev}", f"{d}/responses.jsonl"], [f"{d}/judged.jsonl"], [f"{d}/judge_metrics.json"]),
+        "meta_judge": (["${item.prev}", f"{d}/judged.jsonl"], [f"{d}/judge_pairs.jsonl"],
                        [f"{d}/meta_judge_metrics.json"]),
         "pairs": ([f"{d}/judged.jsonl", f"{d}/judge_pairs.jsonl"], [f"{d}/pairs.jsonl"], [f"{d}/pairs_metrics.json"]),
-        "train": ([f"${{item.prev}}", f"{d}/pairs.jsonl", f"{d}/pairs_metrics.json", f"{r}/world"],
+        "train": (["${item.prev}", f"{d}/pairs.jsonl", f"{d}/pairs_metrics.json", f"{r}/world"],
                   [f"{d}/model", f"{d}/train_history.jsonl"], [f"{d}/train_metrics.json"]),
         "evaluate": ([f"{d}/model", f"{r}/world", *([f"{r}/iter0/eval_answers.jsonl"] if sft else [])],
                      [f"{d}/eval_answers.jsonl"], [f"{d}/eval.json"]),

@@ -118,7 +118,7 @@ def test_mlflow_has_run_children_metrics_params_artifacts(repro):
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["model.spin.length_control"] == "[0, 0, 0.1]"
+    assert parent.data.params["model.spin.length_control"] == "[0.0, 0.0, 0.1]"
     assert parent.data.params["model.spin.use_meta_judge"] == "True"
     for tag in ("git_commit", "git_dirty", "params_hash", "dvc_lock_hash", "env.torch", "dvc_experiment"):
         assert tag in parent.data.tags, tag

@@ -33,13 +33,13 @@ def test_length_control_reruns_pairs_not_generate_or_judge():
 def test_iterations_follow_max_iterations():
     cfg = C.load(None, ["trainer.self_rewarding.max_iterations=5", "model.spin.first_iteration_sft=true"], warn=None)
     d = pipeline.dvc_yaml(cfg)
-    assert [i["it"] for i in d["stages"]["generate"]["foreach"]] == [1, 2, 3, 4]
-    assert d["stages"]["generate"]["foreach"][0]["prev"] == "runs/iter0/model"
-    assert d["stages"]["generate"]["foreach"][3]["prev"] == "runs/iter3/model"
+    items = d["stages"]["generate"]["foreach"]
+    assert [(k, i["it"]) for k, i in items.items()] == [("1", 1), ("2", 2), ("3", 3), ("4", 4)]
+    assert items["1"]["prev"] == "runs/iter0/model" and items["4"]["prev"] == "runs/iter3/model"
     cfg = C.load(None, ["trainer.self_rewarding.max_iterations=2", "pretrained_checkpoint.restore_from_path=/m"],
                  warn=None)
     d = pipeline.dvc_yaml(cfg)
-    assert "sft" not in d["stages"] and d["stages"]["generate"]["foreach"][0] == {"it": 0, "prev": "/m"}
+    assert "sft" not in d["stages"] and d["stages"]["generate"]["foreach"]["0"] == {"it": 0, "prev": "/m"}
 
 
 def test_stage_config_is_the_subset_the_stage_reads():
