@@ -90,7 +90,7 @@ def _load_state(path: Path, model, opt) -> tuple[int, list, dict[str, torch.Tens
         # weights_only: the optimizer file is tensors and numbers; never unpickle arbitrary objects.
         opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         extra = load_file(str(path / "extra.safetensors")) if (path / "extra.safetensors").exists() else {}
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type; any failure means a bad file
         raise DataError(f"{path}: corrupt resume state ({e}); delete it to restart the stage") from None
     return state["step"], state["history"], extra
 
