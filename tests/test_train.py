@@ -9,7 +9,6 @@ import torch
 from harness import config as C
 from harness import train as T
 from harness.config import Tiny
-from harness.losses import sequence_logps
 from harness.models.hf import build_tiny
 from harness.models.tokenizer import train_tokenizer
 
@@ -88,14 +87,13 @@ def test_dpo_raises_chosen_over_rejected(tok):
 
 
 def test_per_iteration_beta_is_used(tok):
+    """beta comes from the iteration's entry. Adam's first step is scale-free, so after it both runs have (almost)
+    the same logratios and the implicit rewards beta * logratio differ by the beta ratio 2.0 / 0.1 = 20."""
     c = cfg("trainer.self_rewarding.max_epochs=1", "trainer.self_rewarding.max_iterations=3",
             "model.spin.ref_policy_kl_penalty=[0.1,0.5,2.0]")
-    h = T.train_dpo(build_tiny(SMALL, tok, seed=4), PAIRS[:8], c, iteration=2)
-    # step 2: rewards = beta * logratio; with beta = 2 they are 20x those of beta 0.1 for the same logratio
-    assert h[1]["train/rewards_chosen_mean"] != 0.0
-    ids, attn, mask = T.collate([T.encode(build_tiny(SMALL, tok, seed=4).tokenizer, "a", "b", 8)], 0)
-    assert sequence_logps(torch.zeros(1, ids.shape[1], 5), ids.clamp(max=4), mask).item() == pytest.approx(
-        -math.log(5) * mask[0, 1:].sum().item())
+    h0 = T.train_dpo(build_tiny(SMALL, tok, seed=4), PAIRS[:8], c, iteration=0)
+    h2 = T.train_dpo(build_tiny(SMALL, tok, seed=4), PAIRS[:8], c, iteration=2)
+    assert h2[1]["train/rewards_chosen_mean"] / h0[1]["train/rewards_chosen_mean"] == pytest.approx(20, rel=0.02)
 
 
 def test_resume_after_crash_is_bit_identical(tok, tmp_path, monkeypatch):
