@@ -168,6 +168,16 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from harness.sweep import sweep
+
+    path = None if args.config in ("none", "") else args.config
+    out = sweep(args.space, path, args.overrides, n_trials=args.n_trials, n_jobs=args.n_jobs, timeout=args.timeout,
+                worker_index=args.worker_index, storage=args.storage, study_name=args.study_name,
+                keep_worktrees=args.keep_worktrees)
+    return 0 if out.get("best_trial") is not None else 1
+
+
 STAGES = ("generate", "judge", "meta_judge", "pairs", "train", "evaluate")
 
 
@@ -206,6 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
         stage_parser(name, helps[name], _stage(name), iteration=True)
     stage_parser("report", "markdown table and plots over iterations", cmd_report).add_argument(
         "--out", default="runs/report", help="report directory")
+    sw = sub.add_parser("sweep", help="Optuna study over the pipeline: each trial a `dvc repro` sharing DVC's cache")
+    sw.add_argument("space", help="search-space YAML (see experiments/sweep.yaml)")
+    sw.add_argument("--n-trials", type=int, default=None, help="total trials in the study (default: the space file's)")
+    sw.add_argument("--n-jobs", type=int, default=None, help="trials run at once by this command")
+    sw.add_argument("--timeout", type=float, default=None, help="seconds after which no new trial starts")
+    sw.add_argument("--worker-index", type=int, default=0,
+                    help="distinct per command sharing one storage (offsets the sampler seed)")
+    sw.add_argument("--storage", default=None, help="Optuna RDB URL (default: the space file's, sqlite:///optuna.db)")
+    sw.add_argument("--study-name", default=None)
+    sw.add_argument("--keep-worktrees", action="store_true", help="keep each trial's worktree under .sweep/")
+    _add_config_args(sw)
+    sw.set_defaults(func=cmd_sweep)
     return ap
 
 

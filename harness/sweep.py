@@ -1,0 +1,597 @@
+"""Optuna sweeps over the real pipeline: every trial is a `dvc repro` in its own git worktree on a shared DVC cache.
+
+    harness sweep experiments/sweep.yaml                      # n_trials from the space file
+    harness sweep experiments/sweep.yaml --n-jobs 2           # two trials at a time
+    harness sweep experiments/sweep.yaml --worker-index 1     # a second command on the same storage
+
+Why worktrees: each trial needs its own params.yaml and outputs, and DVC's run cache (shared through
+`dvc cache dir`) lets a trial restore every stage whose command, deps and params it shares with an earlier trial
+instead of recomputing it (iteration 1's generate and judge do not read beta, lr, length_control or meta_judge_pcnt).
+A completed trial is saved as the DVC experiment `<study>-t<number>`; `dvc exp apply <name> && dvc repro` brings it
+back into the workspace (from the cache), `dvc repro --force` after that recomputes it (bit-identical).
+
+MLflow: a parent run for the study; a child run per trial, which is also the trial's pipeline run (its stages attach
+to it through HARNESS_PIPELINE_KEY, so their iteration runs nest under it), with params, per-iteration metrics, the
+objective, the Optuna state (COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED) and the DVC experiment name.
+
+Workers: trials are asked under a file lock (next to a sqlite storage), so workers on one machine never run more than
+n_trials; on a shared RDB across machines the count can overshoot by at most one trial per extra worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from harness import config as C
+
+DISTRIBUTIONS = ("float", "int", "categorical")
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "threshold", "none")
+SPACE_KEYS = ("study_name", "storage", "n_trials", "timeout", "n_jobs", "seed", "sampler", "pruner", "objective",
+              "overrides", "params")
+X = "x"  # the placeholder in a per-iteration template: [0, 0, x]
+
+
+class SweepError(C.ConfigError):
+    """A bad search-space file or a sweep that cannot start; the message names the file and key."""
+
+
+class TrialFailed(RuntimeError):
+    """A trial's pipeline failed; the trial is recorded as FAIL and the study goes on."""
+
+
+# ----------------------------------------------------------------------------------------------------- space
+@dataclass
+class Param:
+    key: str  # config key path, e.g. model.spin.length_control
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list | None = None
+    template: list | None = None  # per-iteration list, X wherever the sampled value goes
+
+    def suggest(self, trial):
+        if self.type == "float":
+            v = trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
+        elif self.type == "int":
+            v = trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
+        else:
+            v = trial.suggest_categorical(self.key, self.choices)
+        return self.value(v)
+
+    def value(self, v):
+        return [v if e == X else e for e in self.template] if self.template is not None else v
+
+
+@dataclass
+class Space:
+    path: str
+    study_name: str
+    storage: str = "sqlite:///optuna.db"
+    n_trials: int = 8
+    timeout: float | None = None
+    n_jobs: int = 1
+    seed: int = 0
+    sampler: dict = field(default_factory=lambda: {"name": "tpe"})
+    pruner: dict = field(default_factory=lambda: {"name": "median"})
+    metric: str | None = None  # None: eval/win_rate_vs_m1 with the task world's oracle, else eval/val_loss
+    direction: str | None = None
+    iteration: int | None = None  # None: the last iteration
+    overrides: list[str] = field(default_factory=list)
+    params: list[Param] = field(default_factory=list)
+
+    def objective(self, cfg: C.Config) -> tuple[str, str]:
+        oracle = cfg.model.data.train_ds.file_path is None  # the embedded task world has an oracle
+        metric = self.metric or ("eval/win_rate_vs_m1" if oracle else "eval/val_loss")
+        direction = self.direction or ("minimize" if metric.endswith("loss") else "maximize")
+        return metric, direction
+
+
+def _err(path: str, key: str, msg: str) -> SweepError:
+    return SweepError(f"{path}: {key}: {msg}")
+
+
+def load_space(path: str | Path, base: str | None, overrides: list[str] = ()) -> tuple[Space, C.Config]:
+    """Parse and fully validate a space file before any trial runs: every key, distribution and range, and the
+    config at each distribution's bounds (so a range the schema refuses, e.g. meta_judge_pcnt up to 2, fails now)."""
+    p = str(path)
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise SweepError(f"{p}: search-space file not found") from None
+    except yaml.YAMLError as e:
+        raise SweepError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise SweepError(f"{p}: expected a mapping at the top level")
+    for k in raw:
+        if k not in SPACE_KEYS:
+            raise _err(p, k, f"unknown key (allowed: {', '.join(SPACE_KEYS)})")
+    obj = raw.get("objective") or {}
+    for k in obj:
+        if k not in ("metric", "direction", "iteration"):
+            raise _err(p, f"objective.{k}", "unknown key (allowed: metric, direction, iteration)")
+    if obj.get("direction") not in (None, "minimize", "maximize"):
+        raise _err(p, "objective.direction", f"{obj['direction']!r} is not minimize or maximize")
+    space = Space(path=p, study_name=str(raw.get("study_name") or Path(path).stem),
+                  storage=str(raw.get("storage") or "sqlite:///optuna.db"), n_trials=int(raw.get("n_trials", 8)),
+                  timeout=raw.get("timeout"), n_jobs=int(raw.get("n_jobs", 1)), seed=int(raw.get("seed", 0)),
+                  sampler=dict(raw.get("sampler") or {"name": "tpe"}), pruner=dict(raw.get("pruner") or {"name": "median"}),
+                  metric=obj.get("metric"), direction=obj.get("direction"), iteration=obj.get("iteration"),
+                  overrides=[*(raw.get("overrides") or []), *overrides])
+    if space.n_trials < 1 or space.n_jobs < 1:
+        raise _err(p, "n_trials" if space.n_trials < 1 else "n_jobs", "must be >= 1")
+    if space.sampler.get("name") not in SAMPLERS:
+        raise _err(p, "sampler.name", f"{space.sampler.get('name')!r} is not one of {', '.join(SAMPLERS)}")
+    if space.pruner.get("name") not in PRUNERS:
+        raise _err(p, "pruner.name", f"{space.pruner.get('name')!r} is not one of {', '.join(PRUNERS)}")
+    params = raw.get("params")
+    if not isinstance(params, dict) or not params:
+        raise _err(p, "params", "expected a mapping of config keys to distributions")
+    valid = set(C.all_keys())
+    for key, spec in params.items():
+        where = f"params.{key}"
+        if key not in valid:
+            raise _err(p, where, f"unknown config key; did you mean {C._closest(key, sorted(valid))}?")
+        if not isinstance(spec, dict):
+            raise _err(p, where, "expected a mapping like {type: float, low: 0.01, high: 0.5}")
+        allowed = {"type", "low", "high", "log", "step", "choices", "template"}
+        for k in spec:
+            if k not in allowed:
+                raise _err(p, f"{where}.{k}", f"unknown field (allowed: {', '.join(sorted(allowed))})")
+        typ = spec.get("type")
+        if typ not in DISTRIBUTIONS:
+            raise _err(p, f"{where}.type", f"unknown distribution {typ!r} (allowed: {', '.join(DISTRIBUTIONS)})")
+        prm = Param(key=key, type=typ, low=spec.get("low"), high=spec.get("high"), log=bool(spec.get("log", False)),
+                    step=spec.get("step"), choices=spec.get("choices"), template=spec.get("template"))
+        if typ == "categorical":
+            if not isinstance(prm.choices, list) or not prm.choices:
+                raise _err(p, f"{where}.choices", "a categorical needs a non-empty list of choices")
+            bounds = prm.choices
+        else:
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (prm.low, prm.high)):
+                raise _err(p, where, f"a {typ} needs numeric low and high")
+            if not prm.low < prm.high:
+                raise _err(p, where, f"bad range: low={prm.low} must be < high={prm.high}")
+            if prm.log and prm.low <= 0:
+                raise _err(p, where, f"bad range: log scale needs low > 0 (got {prm.low})")
+            if prm.log and prm.step is not None:
+                raise _err(p, where, "log and step cannot be combined")
+            bounds = [prm.low, prm.high]
+        if prm.template is not None and (not isinstance(prm.template, list) or X not in prm.template):
+            raise _err(p, f"{where}.template", f"a per-iteration list with {X!r} where the value goes, e.g. [0, 0, {X}]")
+        space.params.append((prm, bounds))
+    # The schema's own ranges (meta_judge_pcnt in [0,1], list lengths, ...) at each bound, the others at their first
+    first = {prm.key: override(prm.key, prm.value(bounds[0])) for prm, bounds in space.params}
+    for prm, bounds in space.params:
+        for b in bounds:
+            try:
+                C.load(base, [*space.overrides, *{**first, prm.key: override(prm.key, prm.value(b))}.values()],
+                       warn=None)
+            except C.ConfigError as e:
+                raise _err(p, f"params.{prm.key}", f"value {b!r} is refused by the config: {e}") from None
+    space.params = [prm for prm, _ in space.params]
+    return space, C.load(base, [*space.overrides, *first.values()], warn=None)
+
+
+def override(key: str, value) -> str:
+    """A Hydra-style `key=value` that C.load parses back to exactly `value` (floats by repr, lists as [a,b])."""
+    def fmt(v) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, float):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ",".join(fmt(e) for e in v) + "]"
+        return str(v)
+
+    return f"{key}={fmt(value)}"
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def _sh(cmd: list[str], cwd: Path, env: dict | None = None, log: Path | None = None) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if log is not None:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"$ {' '.join(cmd)}\n{p.stdout}{p.stderr}\n")
+    if p.returncode != 0:
+        tail = (p.stderr or p.stdout)[-2000:]
+        raise TrialFailed(f"`{' '.join(cmd)}` in {cwd} failed ({p.returncode}):\n{tail}")
+    return p
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock between processes and threads (each call opens its own file description)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _storage(space: Space, repo: Path):
+    import optuna
+
+    url = space.storage
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        url = f"sqlite:///{(repo / url[len('sqlite:///'):]).resolve()}"  # relative to the project, not the cwd
+    kw = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    return optuna.storages.RDBStorage(url, engine_kwargs=kw), url
+
+
+def _lock_path(url: str, repo: Path) -> Path:
+    return Path(url[len("sqlite:///"):] + ".lock") if url.startswith("sqlite") else repo / ".sweep" / "ask.lock"
+
+
+def _sampler(space: Space, worker_index: int):
+    import optuna
+
+    kw = {k: v for k, v in space.sampler.items() if k != "name"}
+    seed = space.seed + 1000 * worker_index  # workers on one study must not draw the same startup points
+    if space.sampler["name"] == "random":
+        return optuna.samplers.RandomSampler(seed=seed, **kw)
+    return optuna.samplers.TPESampler(seed=seed, **kw)
+
+
+def _pruner(space: Space):
+    import optuna
+
+    kw = {k: v for k, v in space.pruner.items() if k != "name"}
+    name = space.pruner["name"]
+    if name == "median":
+        return optuna.pruners.MedianPruner(**kw)
+    if name == "threshold":
+        return optuna.pruners.ThresholdPruner(**kw)
+    return optuna.pruners.NopPruner()
+
+
+def _repo_root(cwd: Path) -> Path:
+    p = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=cwd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SweepError(f"{cwd}: not a git repository (a sweep saves each trial as a DVC experiment)")
+    root = Path(p.stdout.strip())
+    if subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True).returncode:
+        raise SweepError(f"{root}: the repository has no commit yet (trials are worktrees of HEAD)")
+    # Trials run the code at HEAD under DVC's code deps: uncommitted code would be cached under the wrong hashes.
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                           text=True).stdout.splitlines()
+    dirty = [ln[3:] for ln in dirty if ln[3:] not in ("params.yaml", "dvc.yaml", "dvc.lock")]
+    if dirty:
+        raise SweepError(f"uncommitted changes in {', '.join(dirty[:5])}: commit or stash them before a sweep, so "
+                         "every trial is recorded against the code that ran it")
+    return root
+
+
+def _cache_dir(repo: Path) -> str:
+    out = subprocess.run([_bin("dvc"), "cache", "dir"], cwd=repo, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SweepError(f"{repo}: `dvc cache dir` failed: {out.stderr.strip()}")
+    return str((repo / out.stdout.strip()).resolve())
+
+
+# ----------------------------------------------------------------------------------------------------- mlflow
+class Mlflow:
+    """The study's parent run and one child run per trial (None-safe when tracking is off)."""
+
+    def __init__(self, cfg: C.Config, space: Space, storage_url: str, repo: Path):
+        from harness import tracking
+
+        self.enabled = cfg.tracking.enabled
+        uri = tracking.tracking_uri(cfg)
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = f"sqlite:///{(repo / uri[len('sqlite:///'):]).resolve()}"
+        self.uri, self.client, self.study_run = uri, None, None
+        if not self.enabled:
+            return
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(uri)
+        name = cfg.tracking.experiment_name
+        exp = self.client.get_experiment_by_name(name)
+        self.exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        with file_lock(repo / ".sweep" / "mlflow.lock"):
+            runs = self.client.search_runs([self.exp_id], f"tags.`harness.study` = '{space.study_name}'",
+                                           max_results=1)
+            if runs:
+                self.study_run = runs[0].info.run_id
+                self.client.update_run(self.study_run, status="RUNNING")
+            else:
+                run = self.client.create_run(self.exp_id, run_name=f"sweep-{space.study_name}",
+                                             tags={"harness.study": space.study_name, "optuna.storage": storage_url,
+                                                   "optuna.space_file": space.path})
+                self.study_run = run.info.run_id
+                self.client.log_artifact(self.study_run, space.path, "sweep")
+        self.client.set_tag(self.study_run, "optuna.objective", f"{space.metric} ({space.direction})")
+
+    def trial_run(self, key: str, name: str, cfg: C.Config, number: int, sampled: dict) -> str | None:
+        if not self.enabled:
+            return None
+        from harness import tracking
+
+        run = self.client.create_run(self.exp_id, run_name=name, tags={
+            tracking.PARENT_TAG: key, "mlflow.parentRunId": self.study_run, "optuna.trial_number": str(number),
+            "optuna.state": "RUNNING", "optuna.params": json.dumps(sampled)})
+        tracking._log_params(self.client, run.info.run_id, cfg)
+        return run.info.run_id
+
+    def log_eval(self, run_id: str | None, t: int, metrics: dict) -> None:
+        """Eval metrics of iteration t, unless the evaluate stage ran (then it logged them itself)."""
+        if not run_id:
+            return
+        from mlflow.entities import Metric
+
+        have = {m.step for m in self.client.get_metric_history(run_id, "eval/oracle_reward")} | {
+            m.step for m in self.client.get_metric_history(run_id, "eval/val_loss")}
+        if t in have:
+            return
+        ts = int(time.time() * 1000)
+        rows = [Metric(k, float(v), ts, t) for k, v in metrics.items() if k.startswith("eval/")]
+        self.client.log_batch(run_id, metrics=rows)
+
+    def finish(self, run_id: str | None, state: str, tags: dict, value: float | None) -> None:
+        if not run_id:
+            return
+        for k, v in {"optuna.state": state, **tags}.items():
+            self.client.set_tag(run_id, k, str(v))
+        if value is not None:
+            self.client.log_metric(run_id, "objective", value)
+        status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED")
+        self.client.set_terminated(run_id, status)
+
+
+# ----------------------------------------------------------------------------------------------------- trial
+@dataclass
+class Context:
+    repo: Path
+    space: Space
+    base: str | None  # the params file the trials start from
+    cache_dir: str
+    metric: str
+    direction: str
+    mlflow: Mlflow
+    keep_worktrees: bool = False
+
+
+def run_trial(ctx: Context, trial) -> float:
+    """One trial: worktree, trial params, `dvc repro evaluate@t` per iteration (reported to the pruner), the rest of
+    the pipeline, `dvc exp save`. Returns the objective; raises optuna.TrialPruned or TrialFailed."""
+    import optuna
+
+    sp = ctx.space
+    sampled = {p.key: p.suggest(trial) for p in sp.params}
+    cfg = C.load(ctx.base, [*sp.overrides, *(override(k, v) for k, v in sampled.items())], warn=None)
+    name = f"{sp.study_name}-t{trial.number}"
+    wt = ctx.repo / ".sweep" / sp.study_name / f"t{trial.number}"
+    log = ctx.repo / ".sweep" / sp.study_name / f"t{trial.number}.log"
+    trial.set_user_attr("overrides", [override(k, v) for k, v in sampled.items()])
+    trial.set_user_attr("host_pid", f"{socket.gethostname()}:{os.getpid()}")
+    env = {**os.environ, "HARNESS_PIPELINE_KEY": f"{name}-{trial._trial_id}", "DVC_EXP_NAME": name,
+           "MLFLOW_TRACKING_URI": ctx.mlflow.uri, "DVC_NO_ANALYTICS": "1"}
+    run_id = ctx.mlflow.trial_run(env["HARNESS_PIPELINE_KEY"], name, cfg, trial.number, sampled)
+    print(f"[sweep {sp.study_name}] trial {trial.number} started: {sampled}", flush=True)
+    state, value, tags = "FAIL", None, {}
+    try:
+        with file_lock(ctx.repo / ".sweep" / "git.lock"):
+            if wt.exists():
+                _sh(["git", "worktree", "remove", "--force", str(wt)], ctx.repo)
+            _sh(["git", "worktree", "prune"], ctx.repo)
+            _sh(["git", "worktree", "add", "-q", "--detach", str(wt), "HEAD"], ctx.repo)
+        from harness import pipeline
+
+        (wt / "params.yaml").write_text(C.dump(cfg), encoding="utf-8")
+        (wt / "dvc.yaml").write_text(pipeline.render(cfg), encoding="utf-8")
+        dvc = _bin("dvc")
+        _sh([dvc, "cache", "dir", "--local", ctx.cache_dir], wt)
+        root = wt / (cfg.exp_manager.explicit_log_dir or "runs")
+        iters = C.self_rewarding_iterations(cfg)
+        target = iters[-1] if sp.iteration is None else sp.iteration
+        if target not in iters:
+            raise TrialFailed(f"objective.iteration={target} is not a self-rewarding iteration ({iters})")
+        for t in iters:
+            _sh([dvc, "repro", "-q", f"evaluate@{t}"], wt, env, log)
+            metrics = json.loads((root / f"iter{t}" / "eval.json").read_text(encoding="utf-8"))
+            if ctx.metric not in metrics:
+                raise TrialFailed(f"{root}/iter{t}/eval.json has no metric {ctx.metric!r} "
+                                  f"(has: {', '.join(k for k in metrics if k.startswith('eval/'))})")
+            v = float(metrics[ctx.metric])
+            ctx.mlflow.log_eval(run_id, t, metrics)
+            if not math.isfinite(v):
+                raise TrialFailed(f"{ctx.metric} at iteration {t} is {v}")
+            trial.report(v, step=t)
+            if t == target:
+                value = v
+            print(f"[sweep {sp.study_name}] trial {trial.number} iteration {t}: {ctx.metric}={v:.4f}", flush=True)
+            if t < iters[-1] and trial.should_prune():
+                state = "PRUNED"
+                raise optuna.TrialPruned(f"pruned at iteration {t} ({ctx.metric}={v:.4f})")
+        _sh([dvc, "repro", "-q"], wt, env, log)
+        with file_lock(ctx.repo / ".sweep" / "git.lock"):  # exp save uses shared refs/exps/exec/* refs
+            _sh([dvc, "exp", "save", "-f", "-q", "-n", name, "-I", str(root.relative_to(wt))], wt, env, log)
+        state = "COMPLETE"
+        tags = {"dvc_experiment": name, "reproduce": f"dvc exp apply {name} && dvc repro"}
+        trial.set_user_attr("dvc_experiment", name)
+        return value
+    except TrialFailed as e:
+        tags = {"error": str(e)[:4000], "log": str(log)}
+        raise
+    finally:
+        ctx.mlflow.finish(run_id, state, tags, value if state == "COMPLETE" else None)
+        print(f"[sweep {sp.study_name}] trial {trial.number} {state.lower()}"
+              + (f": {ctx.metric}={value:.4f}" if value is not None and state == "COMPLETE" else "")
+              + (f" (worktree kept: {wt})" if state == "FAIL" else ""), flush=True)
+        if state != "FAIL" and not ctx.keep_worktrees and wt.exists():
+            with file_lock(ctx.repo / ".sweep" / "git.lock"):
+                subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ctx.repo, capture_output=True)
+
+
+# ----------------------------------------------------------------------------------------------------- study
+def _fail_dead_trials(study) -> None:
+    """Trials left RUNNING by a killed worker on this host are marked FAIL (they would count toward n_trials)."""
+    import optuna
+
+    host = socket.gethostname()
+    for tr in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        h, _, pid = str(tr.user_attrs.get("host_pid", "")).partition(":")
+        if h == host and pid.isdigit() and not _alive(int(pid)):
+            study._storage.set_trial_state_values(tr._trial_id, optuna.trial.TrialState.FAIL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep(space_file: str, base: str | None, overrides: list[str] = (), *, n_trials: int | None = None,
+          n_jobs: int | None = None, timeout: float | None = None, worker_index: int = 0, storage: str | None = None,
+          study_name: str | None = None, keep_worktrees: bool = False, cwd: Path | None = None) -> dict:
+    import optuna
+
+    space, cfg = load_space(space_file, base, list(overrides))
+    space.n_trials = n_trials or space.n_trials
+    space.n_jobs = n_jobs or space.n_jobs
+    space.timeout = timeout or space.timeout
+    space.storage = storage or space.storage
+    space.study_name = study_name or space.study_name
+    space.metric, space.direction = space.objective(cfg)
+    repo = _repo_root(cwd or Path.cwd())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    stor, url = _storage(space, repo)
+    study = optuna.create_study(study_name=space.study_name, storage=stor, direction=space.direction,
+                                sampler=_sampler(space, worker_index), pruner=_pruner(space), load_if_exists=True)
+    if study.direction.name.lower() != space.direction:
+        raise SweepError(f"{space.path}: study {space.study_name!r} in {url} exists with direction "
+                         f"{study.direction.name.lower()}, not {space.direction}")
+    study.set_user_attr("objective", space.metric)
+    ctx = Context(repo=repo, space=space, base=base, cache_dir=_cache_dir(repo), metric=space.metric,
+                  direction=space.direction, mlflow=Mlflow(cfg, space, url, repo), keep_worktrees=keep_worktrees)
+    _fail_dead_trials(study)
+    lock = _lock_path(url, repo)
+    deadline = time.monotonic() + space.timeout if space.timeout else None
+    print(f"[sweep {space.study_name}] {url}: {space.n_trials} trials, {space.n_jobs} at a time, objective "
+          f"{space.metric} ({space.direction})", flush=True)
+
+    def worker() -> None:
+        while deadline is None or time.monotonic() < deadline:
+            with file_lock(lock):  # count and ask atomically: never more than n_trials
+                if len(study.get_trials(deepcopy=False)) >= space.n_trials:
+                    return
+                trial = study.ask()
+            try:
+                study.tell(trial, run_trial(ctx, trial))
+            except optuna.TrialPruned:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            except Exception as e:  # a failed trial is recorded and the study goes on
+                print(f"[sweep {space.study_name}] trial {trial.number} failed: {e}", file=sys.stderr, flush=True)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+    threads = [threading.Thread(target=worker, name=f"sweep-worker-{i}") for i in range(space.n_jobs)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return summarize(study, ctx)
+
+
+def summarize(study, ctx: Context) -> dict:
+    """Best trial, parameter importances and an optimization-history plot, written and logged to the study run."""
+    import optuna
+
+    sp = ctx.space
+    trials = study.get_trials(deepcopy=False)
+    states = {s.name: sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    out = {"study": sp.study_name, "objective": sp.metric, "direction": sp.direction, "trials": len(trials),
+           "states": {k: v for k, v in states.items() if v}}
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    lines = [f"# Sweep {sp.study_name}", "", f"Objective: `{sp.metric}` ({sp.direction}); trials: "
+             + ", ".join(f"{v} {k.lower()}" for k, v in out["states"].items()), ""]
+    if complete:
+        best = study.best_trial
+        name = best.user_attrs.get("dvc_experiment", f"{sp.study_name}-t{best.number}")
+        out.update(best_trial=best.number, best_value=best.value, best_params=best.params, best_experiment=name,
+                   reproduce=f"dvc exp apply {name} && dvc repro")
+        lines += [f"Best: trial {best.number}, value {best.value:.4f}, DVC experiment `{name}`",
+                  f"Reproduce: `dvc exp apply {name} && dvc repro` (add `--force` to recompute every stage)", "",
+                  "| param | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in best.params.items()), ""]
+    importances = {}
+    if len(complete) >= 2:
+        with contextlib.suppress(Exception), _quiet_experimental():  # needs >= 2 distinct values of some param
+            importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+    out["importances"] = importances
+    if importances:
+        lines += ["| param | importance (Optuna's default evaluator) |", "|---|---|",
+                  *(f"| {k} | {v:.3f} |" for k, v in importances.items()),
+                  ""]
+    lines += ["| trial | state | value | params |", "|---|---|---|---|"]
+    lines += [f"| {t.number} | {t.state.name} | {'' if t.value is None else f'{t.value:.4f}'} | {t.params} |"
+              for t in trials]
+    d = ctx.repo / "sweeps" / sp.study_name
+    d.mkdir(parents=True, exist_ok=True)
+    from harness.io import write_json, write_text
+
+    write_text(d / "summary.md", "\n".join(lines) + "\n")
+    write_json(d / "summary.json", out)
+    plot = d / "optimization_history.png"
+    if complete:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from optuna.visualization.matplotlib import plot_optimization_history
+
+        with contextlib.suppress(Exception), _quiet_experimental():
+            ax = plot_optimization_history(study, target_name=sp.metric)
+            ax.figure.savefig(plot, dpi=100, bbox_inches="tight")
+            plt.close(ax.figure)
+    ml = ctx.mlflow
+    if ml.enabled:
+        for f in (d / "summary.md", d / "summary.json", plot):
+            if f.exists():
+                ml.client.log_artifact(ml.study_run, str(f), "sweep")
+        if complete:
+            for k, v in {"best_value": best.value, "trials_complete": len(complete)}.items():
+                ml.client.log_metric(ml.study_run, k, float(v))
+            ml.client.set_tag(ml.study_run, "optuna.best_trial", str(best.number))
+            for r in ml.client.search_runs([ml.exp_id], f"tags.`mlflow.parentRunId` = '{ml.study_run}'"):
+                is_best = r.data.tags.get("optuna.trial_number") == str(best.number)
+                if is_best or r.data.tags.get("optuna.best") == "true":
+                    ml.client.set_tag(r.info.run_id, "optuna.best", str(is_best).lower())
+        ml.client.set_terminated(ml.study_run, "FINISHED")
+    print("\n".join(lines), flush=True)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_experimental():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
