@@ -231,14 +231,11 @@ def file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _storage(space: Space, repo: Path):
-    import optuna
-
+def _storage_url(space: Space, repo: Path) -> str:
     url = space.storage
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
         url = f"sqlite:///{(repo / url[len('sqlite:///'):]).resolve()}"  # relative to the project, not the cwd
-    kw = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kw), url
+    return url
 
 
 def _lock_path(url: str, repo: Path) -> Path:
@@ -410,7 +407,7 @@ def run_trial(ctx: Context, trial) -> float:
         if target not in iters:
             raise TrialFailed(f"objective.iteration={target} is not a self-rewarding iteration ({iters})")
         for t in iters:
-            _sh([dvc, "repro", "-q", f"evaluate@{t}"], wt, env, log)
+            _sh([dvc, "repro", f"evaluate@{t}"], wt, env, log)
             metrics = json.loads((root / f"iter{t}" / "eval.json").read_text(encoding="utf-8"))
             if ctx.metric not in metrics:
                 raise TrialFailed(f"{root}/iter{t}/eval.json has no metric {ctx.metric!r} "
@@ -426,7 +423,7 @@ def run_trial(ctx: Context, trial) -> float:
             if t < iters[-1] and trial.should_prune():
                 state = "PRUNED"
                 raise optuna.TrialPruned(f"pruned at iteration {t} ({ctx.metric}={v:.4f})")
-        _sh([dvc, "repro", "-q"], wt, env, log)
+        _sh([dvc, "repro"], wt, env, log)
         with file_lock(ctx.repo / ".sweep" / "git.lock"):  # exp save uses shared refs/exps/exec/* refs
             _sh([dvc, "exp", "save", "-f", "-q", "-n", name, "-I", str(root.relative_to(wt))], wt, env, log)
         state = "COMPLETE"
@@ -482,9 +479,14 @@ def sweep(space_file: str, base: str | None, overrides: list[str] = (), *, n_tri
     space.metric, space.direction = space.objective(cfg)
     repo = _repo_root(cwd or Path.cwd())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    stor, url = _storage(space, repo)
-    study = optuna.create_study(study_name=space.study_name, storage=stor, direction=space.direction,
-                                sampler=_sampler(space, worker_index), pruner=_pruner(space), load_if_exists=True)
+    url = _storage_url(space, repo)
+    lock = _lock_path(url, repo)
+    with file_lock(lock):  # two workers starting together would both create the schema
+        kw = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+        study = optuna.create_study(study_name=space.study_name,
+                                    storage=optuna.storages.RDBStorage(url, engine_kwargs=kw),
+                                    direction=space.direction, sampler=_sampler(space, worker_index),
+                                    pruner=_pruner(space), load_if_exists=True)
     if study.direction.name.lower() != space.direction:
         raise SweepError(f"{space.path}: study {space.study_name!r} in {url} exists with direction "
                          f"{study.direction.name.lower()}, not {space.direction}")
@@ -492,7 +494,6 @@ def sweep(space_file: str, base: str | None, overrides: list[str] = (), *, n_tri
     ctx = Context(repo=repo, space=space, base=base, cache_dir=_cache_dir(repo), metric=space.metric,
                   direction=space.direction, mlflow=Mlflow(cfg, space, url, repo), keep_worktrees=keep_worktrees)
     _fail_dead_trials(study)
-    lock = _lock_path(url, repo)
     deadline = time.monotonic() + space.timeout if space.timeout else None
     print(f"[sweep {space.study_name}] {url}: {space.n_trials} trials, {space.n_jobs} at a time, objective "
           f"{space.metric} ({space.direction})", flush=True)
