@@ -190,6 +190,7 @@ class World:
 
     num_ift: int = 300  # IFT seed: prompts with gold answers (kept small so M1 is imperfect)
     num_eft: int = 600  # EFT seed: judge prompts over responses of every quality level
+    num_mft: int = 300  # meta-judge seed: two judgements (one true to the oracle), target "Winner: Judgement A|B"
     prompts_per_iteration: int = 64  # fresh prompts per self-rewarding iteration
     num_validation: int = 64
     num_test: int = 128

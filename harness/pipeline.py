@@ -28,7 +28,7 @@ _LOOP = ["model.micro_batch_size", "model.global_batch_size", "model.optim.betas
 
 STAGE_PARAMS: dict[str, list[str]] = {
     "prepare": ["seed", "world", "model.tiny", "pretrained_checkpoint.restore_from_path", "model.data.train_ds.file_path",
-                "trainer.self_rewarding.max_iterations", *_JUDGE],
+                "trainer.self_rewarding.max_iterations", "model.spin.llm_meta_judge_prompt", *_JUDGE],
     "sft": [*_MODEL, *_LOOP, "model.sft", "model.data.sft_ds", "model.data.judge_train_ds",
             "model.spin.first_iteration_sft"],
     "generate": [*_MODEL, *_GEN, "model.spin.num_responses_to_gen", "model.data.train_ds.file_path"],

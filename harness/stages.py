@@ -85,14 +85,16 @@ def _judge_prompt(cfg: C.Config, policy, question: str, response: str) -> str:
 # ----------------------------------------------------------------------------------------------------- prepare
 def prepare(cfg: C.Config, lay: Layout) -> dict:
     """The task world (when no user data is configured) and the tiny base model M0 (when no checkpoint is)."""
-    from harness.judging.templates import judge_text
+    from harness.judging.templates import judge_text, meta_judge_text
 
     out = {}
+    spin = cfg.model.spin
     if _use_world(cfg):
         from harness.data.world import build_world
 
         n_iter = cfg.trainer.self_rewarding.max_iterations
-        paths = build_world(cfg.world, cfg.seed, lambda p, r: judge_text(p, r, cfg.model.spin), lay.world, n_iter)
+        paths = build_world(cfg.world, cfg.seed, lambda p, r: judge_text(p, r, spin), lay.world, n_iter,
+                            lambda p, r, a, b: meta_judge_text(p, r, a, b, spin))
         out["world_files"] = len(paths)
     if cfg.pretrained_checkpoint.restore_from_path is None:
         from harness.data.world import world_texts
@@ -101,7 +103,7 @@ def prepare(cfg: C.Config, lay: Layout) -> dict:
 
         # The tokenizer sees the judge template too, so judge prompts are as short as the world's prompts.
         texts = world_texts(2000, cfg.seed)
-        texts += [judge_text("q", "a", cfg.model.spin)]
+        texts += [judge_text("q", "a", spin), meta_judge_text("q", "a", "j", "k", spin)]
         tok = train_tokenizer(texts, cfg.model.tiny.vocab_size)
         policy = build_tiny(cfg.model.tiny, tok, cfg.seed)
         policy.save(lay.base_model, stage_config(cfg, "prepare"))
@@ -111,7 +113,8 @@ def prepare(cfg: C.Config, lay: Layout) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- sft (iteration 0)
 def sft_examples(cfg: C.Config, lay: Layout, policy) -> tuple[list[tuple[str, str]], dict]:
-    """(prompt, answer) pairs of iteration 0: gold answers (IFT) and judge-training targets (EFT)."""
+    """(prompt, answer) pairs of iteration 0: gold answers (IFT), judge-training targets (EFT) and, in the task
+    world, meta-judge targets (MFT)."""
     d = cfg.model.data
     ift = Path(d.sft_ds.file_path) if d.sft_ds.file_path else (lay.world / "ift.jsonl" if _use_world(cfg) else None)
     eft = Path(d.judge_train_ds.file_path) if d.judge_train_ds.file_path else (
@@ -119,8 +122,9 @@ def sft_examples(cfg: C.Config, lay: Layout, policy) -> tuple[list[tuple[str, st
     if ift is None and eft is None:
         raise DataError("first_iteration_sft needs model.data.sft_ds.file_path or model.data.judge_train_ds.file_path")
     examples, counts = [], {}
-    for name, path in (("ift", ift), ("eft", eft)):
-        if path is None:
+    mft = lay.world / "mft.jsonl" if _use_world(cfg) and not d.judge_train_ds.file_path else None
+    for name, path in (("ift", ift), ("eft", eft), ("mft", mft)):
+        if path is None or (name == "mft" and not path.exists()):
             continue
         rows = [r for r in S.read_sft(path) if S.gold_response(r) is not None]
         examples += [(_render(cfg, policy, r), S.gold_response(r)) for r in rows]

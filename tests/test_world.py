@@ -17,6 +17,7 @@ from harness.config import World
 from harness.data import sft
 from harness.data import world as W
 from harness.io import read_jsonl, tree_hash
+from harness.judging import parse
 
 META = {
     "upper": {"family": "upper", "words": ["cat", "dog", "sun"]},  # gold "CAT, DOG, SUN"
@@ -229,3 +230,35 @@ def test_world_texts_cover_every_character(tmp_path):
         values = ([r["prompt"] + r["response"] for r in rs] if name == "judge_eval"
                   else [t["value"] for r in rs for t in r["conversations"]])
         assert set("".join(values)) <= chars, name
+
+
+def _meta_text(prompt, response, a, b):
+    return f"Which?\nQ: {prompt}\nA: {response}\nJudgement A: {a}\nJudgement B: {b}"
+
+
+def test_mft_seed_true_judgement_wins_balanced_and_leaves_other_splits_alone(tmp_path):
+    cfg = World(num_ift=40, num_eft=60, num_mft=60, prompts_per_iteration=15, num_validation=10, num_test=20)
+    with_mft = W.build_world(cfg, 5, _judge_text, tmp_path / "a", 2, _meta_text)
+    without = W.build_world(cfg, 5, _judge_text, tmp_path / "b", 2)
+    assert set(with_mft) - set(without) == {"mft"}
+    for name in without:  # the meta-judge seed is drawn last: every other split is byte-identical
+        assert tree_hash(with_mft[name]) == tree_hash(without[name]), name
+    rows = sft.read_sft(with_mft["mft"])
+    assert len(rows) == 60
+    winners, scores = Counter(), Counter()
+    other_prompts = {sft.user_text(r) for n in ("ift", "test", "validation", "prompts_1", "prompts_2")
+                     for r in sft.read_sft(with_mft[n])}
+    for r in rows:
+        meta, target = r["meta"], sft.gold_response(r)
+        assert meta["prompt"] not in other_prompts
+        text = sft.user_text(r)
+        a = text.split("Judgement A: ")[1].split("\nJudgement B: ")[0]
+        b = text.split("\nJudgement B: ")[1]
+        right = W.grade(meta, meta["response"]).reason
+        assert W.score_record(r, meta["response"]) == meta["oracle_score"]
+        assert a != b and (a if meta["winner"] == "A" else b) == right
+        assert target.endswith(f"Winner: Judgement {meta['winner']}")
+        assert parse.parse_winner(target) == meta["winner"]
+        winners[meta["winner"]] += 1
+        scores[meta["oracle_score"]] += 1
+    assert winners["A"] == winners["B"] == 30 and set(scores) == set(range(6))

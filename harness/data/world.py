@@ -351,11 +351,33 @@ def _sft_rows(tasks: list[Task], with_gold: bool) -> list[dict]:
     return [make_record(t.prompt, t.gold if with_gold else None, id=t.id, meta=t.meta) for t in tasks]
 
 
+def meta_judgement_example(t: Task, i: int, rng: random.Random) -> tuple[str, str, str, str, int]:
+    """(response, judgement A, judgement B, target, oracle score) for a meta-judge seed example.
+
+    One judgement is the oracle's reason for the response, the other the reason for a response of another score;
+    Score lines are left out, as the meta-judge sees judgements (parse.strip_score). The true one is A for even i.
+    """
+    score = i % 6
+    response = degrade(t, score, rng)
+    right = grade(t, response).reason
+    for _ in range(50):
+        wrong = grade(t, degrade(t, rng.choice([s for s in SCORES if s != score]), rng)).reason
+        if wrong != right:
+            break
+    else:
+        raise RuntimeError(f"meta-judge seed: no distinct wrong judgement for task {t.id}")
+    winner = "A" if i % 2 == 0 else "B"
+    a, b = (right, wrong) if winner == "A" else (wrong, right)
+    return response, a, b, f"Judgement {winner} fits the answer.\nWinner: Judgement {winner}", score
+
+
 def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], str], out_dir: str | Path,
-                num_iterations: int) -> dict[str, Path]:
+                num_iterations: int, meta_judge_text_fn: Callable[[str, str, str, str], str] | None = None
+                ) -> dict[str, Path]:
     """Write the world's NeMo SFT jsonl splits (and judge_eval.jsonl) under out_dir; return {name: path}.
 
-    Names: ift, eft, prompts_1..prompts_T, validation, test, judge_eval. Same cfg + seed => byte-identical files.
+    Names: ift, eft, prompts_1..prompts_T, validation, test, judge_eval, and mft (meta-judge seed) when
+    meta_judge_text_fn is given and world_cfg.num_mft > 0. Same cfg + seed => byte-identical files.
     Splits are drawn evaluation-first, each from its own RNG, so growing ift or adding iterations leaves test,
     validation and judge_eval unchanged. No prompt text appears in two splits (nor twice in one).
     """
@@ -396,6 +418,20 @@ def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], s
 
     for it in range(1, num_iterations + 1):
         put(f"prompts_{it}", _sft_rows(tasks(f"iter{it}", world_cfg.prompts_per_iteration), with_gold=False))
+
+    # MFT (meta-judge seed): a tiny model never sees a meta-judge prompt otherwise, and never answers one.
+    # Drawn after every other split, so adding it leaves them unchanged.
+    num_mft = getattr(world_cfg, "num_mft", 0)
+    if meta_judge_text_fn is not None and num_mft > 0:
+        rng = random.Random(f"world:{seed}:mft:responses")
+        rows = []
+        for i, t in enumerate(tasks("mft", num_mft)):
+            response, a, b, target, score = meta_judgement_example(t, i, rng)
+            rows.append(make_record(meta_judge_text_fn(t.prompt, response, a, b), target, id=t.id,
+                                    meta={**t.meta, "prompt": t.prompt, "response": response, "oracle_score": score,
+                                          "winner": target[-1]}))
+        rng.shuffle(rows)
+        put("mft", rows)
     return paths
 
 
