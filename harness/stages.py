@@ -169,7 +169,10 @@ def run_sft(cfg: C.Config, lay: Layout) -> tuple[dict, list[dict]]:
 def _clear_resume(lay: Layout, t: int) -> None:
     import shutil
 
+    from harness.train import ref_cache_path
+
     shutil.rmtree(lay.resume(t), ignore_errors=True)
+    ref_cache_path(lay.resume(t)).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------- generate

@@ -7,6 +7,7 @@ Knows nothing of DVC or MLflow: it returns the metric history and the stage writ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -68,8 +69,74 @@ def _logits(model, ids, attn) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=attn).logits
 
 
+# ----------------------------------------------------------------------------------------------------- shared prompts
+def pack_pairs(ch, rj, pad_id: int, dtype=torch.float32):
+    """One row per pair: [prompt, chosen response, rejected response]; the rejected response attends to the prompt
+    and itself only, at the positions it has in its own sequence, so each response's log-probs are those of the
+    unpacked (prompt + response) sequence while the shared prompt is computed once. None when a pair's prompts
+    differ (left-truncation cut them differently) or a prompt is empty (its first response token is not scored)."""
+    spans = []
+    for c, r in zip(ch, rj):
+        lp, lpr = c.mask.index(1), r.mask.index(1)
+        if lp == 0 or c.ids[:lp] != r.ids[:lpr]:
+            return None
+        spans.append((lp, len(c.ids) - lp, len(r.ids) - lpr))
+    b_n, t_n = len(spans), max(sum(s) for s in spans)
+    tc, tr = max(s[1] for s in spans), max(s[2] for s in spans)
+    ids = torch.full((b_n, t_n), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((b_n, t_n), dtype=torch.long)
+    allowed = torch.eye(t_n, dtype=torch.bool).repeat(b_n, 1, 1)  # padding rows see themselves: no empty softmax
+    idx = {k: torch.zeros((b_n, n), dtype=torch.long) for k, n in (("cp", tc), ("ct", tc), ("rp", tr), ("rt", tr))}
+    cm, rm = torch.zeros((b_n, tc), dtype=torch.bool), torch.zeros((b_n, tr), dtype=torch.bool)
+    for b, ((lp, lc, lr), c, r) in enumerate(zip(spans, ch, rj)):
+        n = lp + lc + lr
+        ids[b, :n] = torch.tensor(c.ids + r.ids[lp:])
+        position_ids[b, :n] = torch.cat([torch.arange(lp + lc), torch.arange(lp, lp + lr)])
+        causal = torch.ones((n, n), dtype=torch.bool).tril()
+        causal[lp + lc:, lp:lp + lc] = False  # the rejected response never sees the chosen one
+        allowed[b, :n, :n] = causal
+        idx["cp"][b, :lc] = torch.arange(lp - 1, lp - 1 + lc)  # logits at t predict token t + 1
+        idx["ct"][b, :lc] = ids[b, lp:lp + lc]
+        idx["rp"][b, :lr] = torch.cat([torch.tensor([lp - 1]), torch.arange(lp + lc, lp + lc + lr - 1)])
+        idx["rt"][b, :lr] = ids[b, lp + lc:n]
+        cm[b, :lc], rm[b, :lr] = True, True
+    mask = torch.zeros((b_n, 1, t_n, t_n), dtype=dtype).masked_fill(~allowed.unsqueeze(1), torch.finfo(dtype).min)
+    return ids, position_ids, mask, (idx["cp"], idx["ct"], cm), (idx["rp"], idx["rt"], rm)
+
+
+def _gathered_logps(logits, pred, tgt, mask, average: bool):
+    """Masked sum (or mean) of log p(tgt | logits at pred) per row."""
+    rows = []
+    for lg, p, t, m in zip(logits, pred, tgt, mask):
+        sel = lg[p].float()
+        lp = sel.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(sel, dim=-1)
+        rows.append(torch.where(m, lp, torch.zeros_like(lp)).sum())
+    total = torch.stack(rows)
+    return total / mask.sum(1).clamp(min=1) if average else total
+
+
+def pair_logps(model, ch: list[Encoded], rj: list[Encoded], pad_id: int, average: bool,
+               sft_average: bool | None = None):
+    """(chosen logps, rejected logps, chosen logps for the SFT term or None, chosen and rejected lengths) of a
+    micro-batch of pairs: packed (the prompt computed once per pair) when possible, else one padded batch."""
+    packed = pack_pairs(ch, rj, pad_id, next(model.parameters()).dtype)
+    if packed is not None:
+        ids, pos, amask, c, r = packed
+        logits = model(input_ids=ids, attention_mask=amask, position_ids=pos).logits
+        lc, lr = _gathered_logps(logits, *c, average), _gathered_logps(logits, *r, average)
+        sft = None if sft_average is None else lc if sft_average == average else _gathered_logps(logits, *c, sft_average)
+        return lc, lr, sft, c[2].sum(1).float(), r[2].sum(1).float()
+    n = len(ch)
+    ids, attn, mask = collate(ch + rj, pad_id)
+    logits = _logits(model, ids, attn)
+    logps = sequence_logps(logits, ids, mask, average=average)
+    sft = None if sft_average is None else logps[:n] if sft_average == average else sequence_logps(
+        logits[:n], ids[:n], mask[:n], average=sft_average)
+    return logps[:n], logps[n:], sft, mask[:n].sum(1), mask[n:].sum(1)
+
+
 # ----------------------------------------------------------------------------------------------------- resume state
-def _save_state(path: Path, model, opt, step: int, history: list, extra: dict[str, torch.Tensor]) -> None:
+def _save_state(path: Path, model, opt, step: int, history: list, extra: dict[str, torch.Tensor], key: str) -> None:
     from safetensors.torch import save_file, save_model
 
     with atomic_path(path) as tmp:
@@ -78,7 +145,7 @@ def _save_state(path: Path, model, opt, step: int, history: list, extra: dict[st
         if extra:
             save_file(extra, str(tmp / "extra.safetensors"))
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
+        (tmp / "state.json").write_text(json.dumps({"step": step, "history": history, "key": key}))
 
 
 def _load_state(path: Path, model, opt) -> tuple[int, list, dict[str, torch.Tensor]]:
@@ -98,7 +165,7 @@ def _load_state(path: Path, model, opt) -> tuple[int, list, dict[str, torch.Tens
 # ----------------------------------------------------------------------------------------------------- the loop
 def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, epochs: int, iteration: int,
          shuffle: bool, resume_dir: Path | None, val_fn: Callable | None, extra_state: dict | None = None,
-         phase: str = "train", max_steps: int = -1, keep_batches: bool = False) -> list[dict]:
+         phase: str = "train", max_steps: int = -1, keep_batches: bool = False, key: str = "") -> list[dict]:
     """Optimizer steps over global batches of item indices; returns one metrics dict per step (+ val entries)."""
     model, m, sr = policy.model, cfg.model, cfg.trainer.self_rewarding
     gbs, mbs = m.global_batch_size, m.micro_batch_size
@@ -108,7 +175,8 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(m.optim.betas), eps=m.optim.eps,
                             weight_decay=m.optim.weight_decay)
     start, history = 0, []
-    if resume_dir is not None and (resume_dir / "state.json").exists():
+    if resume_dir is not None and (resume_dir / "state.json").exists() and (
+            read_json(resume_dir / "state.json").get("key") == key):  # else: written for other inputs, ignored
         start, history, saved = _load_state(resume_dir, model, opt)
         if extra_state is not None:
             extra_state.update(saved)
@@ -146,7 +214,7 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
             history.append({"step": step + 1, **val_fn()})
             model.train()
         if resume_dir is not None and (step + 1) % sr.save_interval == 0 and step + 1 < total:
-            _save_state(resume_dir, model, opt, step + 1, history, extra_state or {})
+            _save_state(resume_dir, model, opt, step + 1, history, extra_state or {}, key)
     model.eval()
     return history
 
@@ -185,23 +253,46 @@ def train_sft(policy, examples: list[tuple[str, str]], cfg: C.Config, *, validat
 
     return _run(policy, len(enc), step_fn, cfg, lr=cfg.model.sft.lr, epochs=cfg.model.sft.max_epochs, iteration=iteration,
                 shuffle=cfg.model.data.sft_ds.shuffle, resume_dir=resume_dir,
-                val_fn=_val_sft(policy, val, cfg), phase="sft")
+                val_fn=_val_sft(policy, val, cfg), phase="sft",
+                key=resume_key(examples, C.to_dict(cfg), iteration, policy.model))
 
 
-def reference_logps(policy, enc: list[Encoded], average: bool, batch: int) -> torch.Tensor:
-    out = []
+def reference_logps(policy, ch: list[Encoded], rj: list[Encoded], average: bool, batch: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of chosen and rejected responses under the policy as it is now (the reference M_t)."""
+    out_c, out_r = [], []
     with torch.inference_mode():
-        for i in range(0, len(enc), batch):
-            ids, attn, mask = collate(enc[i:i + batch], policy.tokenizer.pad_token_id)
-            out.append(sequence_logps(_logits(policy.model, ids, attn), ids, mask, average=average))
-    return torch.cat(out) if out else torch.zeros(0)
+        for i in range(0, len(ch), batch):
+            c, r, *_ = pair_logps(policy.model, ch[i:i + batch], rj[i:i + batch], policy.tokenizer.pad_token_id,
+                                  average)
+            out_c.append(c)
+            out_r.append(r)
+    return (torch.cat(out_c), torch.cat(out_r)) if out_c else (torch.zeros(0), torch.zeros(0))
+
+
+def resume_key(*parts) -> str:
+    """What a resume state belongs to: a state written for other inputs (a crash, then a changed param) is ignored."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, torch.nn.Module):
+            for name, t in sorted(p.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def ref_cache_path(resume_dir: Path) -> Path:
+    return resume_dir.with_name(resume_dir.name + ".ref_logps.safetensors")
 
 
 def train_dpo(policy, pairs: list[dict], cfg: C.Config, *, iteration: int, validation: list[tuple[str, str]] = (),
               resume_dir: Path | None = None) -> list[dict]:
     """One self-rewarding iteration: preference loss on {prompt, chosen, rejected, chosen_score, rejected_score}.
 
-    The reference is the policy as loaded (M_t); its log-probs are computed once and kept with the resume state.
+    The reference is the policy as loaded (M_t); its log-probs are computed once and cached on disk next to the
+    resume state, so no second model is ever in memory and a resumed stage does not recompute them.
     """
     spin, max_len = cfg.model.spin, cfg.model.data.train_ds.max_seq_length
     beta = C.schedule(spin.ref_policy_kl_penalty, iteration)
@@ -210,34 +301,43 @@ def train_dpo(policy, pairs: list[dict], cfg: C.Config, *, iteration: int, valid
     ch = [encode(tok, p["prompt"], p["chosen"], max_len) for p in pairs]
     rj = [encode(tok, p["prompt"], p["rejected"], max_len) for p in pairs]
     val = [encode(tok, p, r, cfg.model.data.validation_ds.max_seq_length) for p, r in validation]
+    key = resume_key(pairs, C.to_dict(cfg), iteration, policy.model)
     state: dict[str, torch.Tensor] = {}
-    if resume_dir is not None and (resume_dir / "extra.safetensors").exists():
-        from safetensors.torch import load_file
+    cache = ref_cache_path(resume_dir) if resume_dir is not None else None
+    if cache is not None and cache.exists():  # computed before a crash, for these very inputs
+        from safetensors import safe_open
 
-        state.update(load_file(str(resume_dir / "extra.safetensors")))
-    if "ref_chosen" not in state:
-        state["ref_chosen"] = reference_logps(policy, ch, avg, 2 * cfg.model.micro_batch_size)
-        state["ref_rejected"] = reference_logps(policy, rj, avg, 2 * cfg.model.micro_batch_size)
+        with safe_open(str(cache), "pt") as f:
+            if (f.metadata() or {}).get("key") == key:
+                state = {k: f.get_tensor(k) for k in ("ref_chosen", "ref_rejected")}
+    if not state:
+        state["ref_chosen"], state["ref_rejected"] = reference_logps(policy, ch, rj, avg, cfg.model.micro_batch_size)
+        if cache is not None:  # on disk at once: a resumed stage never recomputes them
+            from safetensors.torch import save_file
+
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(cache) as tmp:
+                save_file(state, str(tmp), metadata={"key": key})
     scores = torch.tensor([[p["chosen_score"], p["rejected_score"]] for p in pairs], dtype=torch.float32)
 
     def step_fn(idx: list[int], batch_size: int):
         n = len(idx)
-        ids, attn, mask = collate([ch[i] for i in idx] + [rj[i] for i in idx], pad)
-        logits = _logits(policy.model, ids, attn)  # chosen and rejected in one forward
-        logps = sequence_logps(logits, ids, mask, average=avg)
-        c_ratio = logps[:n] - state["ref_chosen"][idx]
-        r_ratio = logps[n:] - state["ref_rejected"][idx]
+        c_logps, r_logps, sft_logps, c_len, r_len = pair_logps(
+            policy.model, [ch[i] for i in idx], [rj[i] for i in idx], pad, avg,
+            sft_avg if spin.sft_loss_weight else None)  # chosen and rejected in one forward
+        c_ratio = c_logps - state["ref_chosen"][idx]
+        r_ratio = r_logps - state["ref_rejected"][idx]
         pref = preference_loss(spin.preference_loss, chosen_logratio=c_ratio, rejected_logratio=r_ratio,
                                chosen_score=scores[idx, 0], rejected_score=scores[idx, 1], beta=beta,
                                gt_reward_scale=spin.gt_reward_scale)
-        sft = sft_loss(logits[:n], ids[:n], mask[:n], average=sft_avg) if spin.sft_loss_weight else torch.zeros(n)
+        sft = -sft_logps if spin.sft_loss_weight else torch.zeros(n)
         per_sample = spin.preference_loss_weight * pref + spin.sft_loss_weight * sft
         rc, rr = implicit_rewards(c_ratio.detach(), r_ratio.detach(), beta)
         metrics = {
             "train/loss": float(per_sample.detach().sum()), "train/preference_loss": float(pref.detach().sum()),
             "train/sft_loss": float(sft.detach().sum()), "train/acc": float((rc > rr).float().sum()),
             "train/rewards_chosen_mean": float(rc.sum()), "train/rewards_rejected_mean": float(rr.sum()),
-            "train/chosen_lengths": float(mask[:n].sum()), "train/reject_lengths": float(mask[n:].sum()),
+            "train/chosen_lengths": float(c_len.sum()), "train/reject_lengths": float(r_len.sum()),
             "train/chosen_generated_rewards": float(scores[idx, 0].sum()),
             "train/rejected_generated_rewards": float(scores[idx, 1].sum()),
         }
@@ -245,5 +345,5 @@ def train_dpo(policy, pairs: list[dict], cfg: C.Config, *, iteration: int, valid
 
     return _run(policy, len(pairs), step_fn, cfg, lr=cfg.model.optim.lr, epochs=cfg.trainer.self_rewarding.max_epochs,
                 iteration=iteration, shuffle=cfg.model.data.train_ds.shuffle, resume_dir=resume_dir,
-                val_fn=_val_sft(policy, val, cfg), extra_state=state, phase="dpo",
+                val_fn=_val_sft(policy, val, cfg), phase="dpo", key=key,
                 max_steps=cfg.trainer.self_rewarding.max_steps, keep_batches=True)

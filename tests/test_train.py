@@ -1,6 +1,7 @@
 """Training loops: the LR schedule by hand, accumulation equivalence, the DPO step against hand-computed losses,
 and exact resume after a crash between save points."""
 
+import json
 import math
 
 import pytest
@@ -79,9 +80,9 @@ def test_dpo_raises_chosen_over_rejected(tok):
     c = cfg("trainer.self_rewarding.max_epochs=6")
     ch = [T.encode(tok, x["prompt"], x["chosen"], 64) for x in PAIRS]
     rj = [T.encode(tok, x["prompt"], x["rejected"], 64) for x in PAIRS]
-    before = T.reference_logps(p, ch, False, 8) - T.reference_logps(p, rj, False, 8)
+    before = torch.sub(*T.reference_logps(p, ch, rj, False, 8))
     h = T.train_dpo(p, PAIRS, c, iteration=1)
-    after = T.reference_logps(p, ch, False, 8) - T.reference_logps(p, rj, False, 8)
+    after = torch.sub(*T.reference_logps(p, ch, rj, False, 8))
     assert (after - before).mean() > 1.0  # the margin log pi(c) - log pi(r) grew on the training pairs
     assert h[-1]["train/acc"] == 1.0 and h[-1]["train/loss"] < math.log(2)
 
@@ -124,7 +125,89 @@ def test_resume_after_crash_is_bit_identical(tok, tmp_path, monkeypatch):
 def test_corrupt_resume_state_is_reported(tok, tmp_path):
     d = tmp_path / "resume"
     d.mkdir()
-    (d / "state.json").write_text('{"step": 2, "history": []}')
+    policy = build_tiny(SMALL, tok, seed=6)
+    key = T.resume_key(PAIRS, C.to_dict(cfg()), 1, policy.model)  # a state written for these very inputs
+    (d / "state.json").write_text(json.dumps({"step": 2, "history": [], "key": key}))
     (d / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(Exception, match="corrupt resume state"):
-        T.train_dpo(build_tiny(SMALL, tok, seed=6), PAIRS, cfg(), iteration=1, resume_dir=d)
+        T.train_dpo(policy, PAIRS, cfg(), iteration=1, resume_dir=d)
+
+
+def _pairs_enc(tok, pairs):
+    ch = [T.encode(tok, p["prompt"], p["chosen"], 256) for p in pairs]
+    rj = [T.encode(tok, p["prompt"], p["rejected"], 256) for p in pairs]
+    return ch, rj
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_shared_prompt_packing_gives_the_unpacked_logps_and_gradients(tok, average):
+    """[prompt, chosen, rejected] in one row (rejected masked off chosen, positions restarted) == two sequences."""
+    policy = build_tiny(SMALL, tok, seed=3)
+    ch, rj = _pairs_enc(tok, PAIRS[:5])
+    weights = torch.arange(1.0, 11.0)
+    ids, attn, mask = T.collate(ch + rj, tok.pad_token_id)
+    ref = T.sequence_logps(T._logits(policy.model, ids, attn), ids, mask, average=average)
+    (ref * weights).sum().backward()
+    ref_grads = [p.grad.clone() for p in policy.model.parameters()]
+    policy.model.zero_grad()
+    packed = T.pack_pairs(ch, rj, tok.pad_token_id)
+    assert packed is not None and packed[0].numel() < ids.numel()  # the prompt is computed once
+    c, r, sft, c_len, r_len = T.pair_logps(policy.model, ch, rj, tok.pad_token_id, average, sft_average=True)
+    (torch.cat([c, r]) * weights).sum().backward()
+    assert torch.allclose(torch.cat([c, r]), ref, atol=1e-5, rtol=1e-5)
+    for p, g in zip(policy.model.parameters(), ref_grads):
+        assert torch.allclose(p.grad, g, atol=1e-5, rtol=1e-4)
+    assert c_len.tolist() == mask[:5].sum(1).tolist() and r_len.tolist() == mask[5:].sum(1).tolist()
+    assert torch.allclose(sft.detach(), T.sequence_logps(T._logits(policy.model, ids, attn), ids, mask, average=True)[:5],
+                          atol=1e-5)
+
+
+def test_packing_falls_back_when_prompts_differ(tok):
+    ch, rj = _pairs_enc(tok, PAIRS[:2])
+    rj[1] = T.encode(tok, "Sort these numbers: 9 9 9\n", "9 9 9", 256)
+    assert T.pack_pairs(ch, rj, tok.pad_token_id) is None
+    policy = build_tiny(SMALL, tok, seed=3)
+    c, r, *_ = T.pair_logps(policy.model, ch, rj, tok.pad_token_id, False)
+    ids, attn, mask = T.collate(ch + rj, tok.pad_token_id)
+    assert torch.allclose(torch.cat([c, r]), T.sequence_logps(T._logits(policy.model, ids, attn), ids, mask), atol=1e-6)
+
+
+def test_reference_logps_are_cached_on_disk_and_not_recomputed_on_resume(tok, tmp_path, monkeypatch):
+    c = cfg("trainer.self_rewarding.save_interval=2")
+    real_save = T._save_state
+
+    def crash(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_save_state", crash)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_dpo(build_tiny(SMALL, tok, seed=5), PAIRS, c, iteration=1, resume_dir=tmp_path / "resume")
+    assert T.ref_cache_path(tmp_path / "resume").exists()
+    monkeypatch.setattr(T, "_save_state", real_save)
+    monkeypatch.setattr(T, "reference_logps", lambda *a, **k: pytest.fail("reference log-probs recomputed"))
+    h = T.train_dpo(build_tiny(SMALL, tok, seed=5), PAIRS, c, iteration=1, resume_dir=tmp_path / "resume")
+    assert h[0]["step"] == 1 and h[-1]["step"] == 6
+
+
+def test_resume_state_of_other_inputs_is_ignored(tok, tmp_path, monkeypatch):
+    """A crash, then a changed param: the stale resume state and reference cache must not be used."""
+    c = cfg("trainer.self_rewarding.save_interval=2")
+    real_save = T._save_state
+
+    def crash(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_save_state", crash)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_dpo(build_tiny(SMALL, tok, seed=5), PAIRS, c, iteration=1, resume_dir=tmp_path / "resume")
+    monkeypatch.setattr(T, "_save_state", real_save)
+    changed = cfg("trainer.self_rewarding.save_interval=2", "model.spin.ref_policy_kl_penalty=0.3")
+    fresh = build_tiny(SMALL, tok, seed=5)
+    T.train_dpo(fresh, PAIRS, changed, iteration=1)
+    after_crash = build_tiny(SMALL, tok, seed=5)
+    h = T.train_dpo(after_crash, PAIRS, changed, iteration=1, resume_dir=tmp_path / "resume")
+    assert [r["step"] for r in h if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    for (n, a), b in zip(fresh.model.state_dict().items(), after_crash.model.state_dict().values()):
+        assert torch.equal(a, b), n
