@@ -35,8 +35,8 @@ def measure(trials: int = 8, baseline_runs: int = 8) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         proj = make_project(Path(tmp) / "sweep", experiment="params.yaml", overrides=BASE)
         t = time.perf_counter()
-        run([sys.executable, "-m", "harness.cli", "sweep", "experiments/sweep.yaml", "--n-trials", str(trials),
-             "--study-name", "bench", *BASE], proj)
+        run([sys.executable, "-m", "harness.cli", "sweep", "experiments/sweep.yaml", *BASE, "--n-trials", str(trials),
+             "--study-name", "bench"], proj)
         sweep_s = time.perf_counter() - t
         study = optuna.load_study(study_name="bench", storage=f"sqlite:///{proj}/optuna.db")
         done = study.get_trials()
