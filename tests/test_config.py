@@ -168,3 +168,11 @@ def test_readme_table_lists_every_key_with_meaning_and_default():
     assert set(MEANING) == set(C.all_keys())
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert markdown_table() in readme, "README's key table is stale: regenerate it with `harness config keys`"
+
+
+def test_overrides_may_follow_options(capsys):
+    assert main(["config", "show", "seed=3", "-c", "none", "model.optim.lr=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 3" in out and "lr: 0.5" in out
+    with pytest.raises(SystemExit):
+        main(["config", "show", "-c", "none", "--bogus"])
