@@ -114,7 +114,6 @@ def test_resume_after_crash_is_bit_identical(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(T, "_save_state", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         T.train_dpo(crashed, PAIRS, c, iteration=1, resume_dir=tmp_path / "resume")
-    monkeypatch.setattr(T, "_save_state", real_save)
     resumed = build_tiny(SMALL, tok, seed=5)  # a fresh process would reload M_t; the state file overrides it
     h = T.train_dpo(resumed, PAIRS, c, iteration=1, resume_dir=tmp_path / "resume")
     assert h[0]["step"] == 1 and h[-1]["step"] == 6  # history restored, then continued
@@ -172,8 +171,8 @@ def test_packing_falls_back_when_prompts_differ(tok):
     assert torch.allclose(torch.cat([c, r]), T.sequence_logps(T._logits(policy.model, ids, attn), ids, mask), atol=1e-6)
 
 
-def test_reference_logps_are_cached_on_disk_and_not_recomputed_on_resume(tok, tmp_path, monkeypatch):
-    c = cfg("trainer.self_rewarding.save_interval=2")
+def _crash_at_first_save(tok, c, resume_dir, monkeypatch):
+    """train_dpo killed right after its first save point (as SIGKILL would leave it)."""
     real_save = T._save_state
 
     def crash(*a, **k):
@@ -182,9 +181,14 @@ def test_reference_logps_are_cached_on_disk_and_not_recomputed_on_resume(tok, tm
 
     monkeypatch.setattr(T, "_save_state", crash)
     with pytest.raises(KeyboardInterrupt):
-        T.train_dpo(build_tiny(SMALL, tok, seed=5), PAIRS, c, iteration=1, resume_dir=tmp_path / "resume")
-    assert T.ref_cache_path(tmp_path / "resume").exists()
+        T.train_dpo(build_tiny(SMALL, tok, seed=5), PAIRS, c, iteration=1, resume_dir=resume_dir)
     monkeypatch.setattr(T, "_save_state", real_save)
+
+
+def test_reference_logps_are_cached_on_disk_and_not_recomputed_on_resume(tok, tmp_path, monkeypatch):
+    c = cfg("trainer.self_rewarding.save_interval=2")
+    _crash_at_first_save(tok, c, tmp_path / "resume", monkeypatch)
+    assert T.ref_cache_path(tmp_path / "resume").exists()
     monkeypatch.setattr(T, "reference_logps", lambda *a, **k: pytest.fail("reference log-probs recomputed"))
     h = T.train_dpo(build_tiny(SMALL, tok, seed=5), PAIRS, c, iteration=1, resume_dir=tmp_path / "resume")
     assert h[0]["step"] == 1 and h[-1]["step"] == 6
@@ -193,16 +197,7 @@ def test_reference_logps_are_cached_on_disk_and_not_recomputed_on_resume(tok, tm
 def test_resume_state_of_other_inputs_is_ignored(tok, tmp_path, monkeypatch):
     """A crash, then a changed param: the stale resume state and reference cache must not be used."""
     c = cfg("trainer.self_rewarding.save_interval=2")
-    real_save = T._save_state
-
-    def crash(*a, **k):
-        real_save(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(T, "_save_state", crash)
-    with pytest.raises(KeyboardInterrupt):
-        T.train_dpo(build_tiny(SMALL, tok, seed=5), PAIRS, c, iteration=1, resume_dir=tmp_path / "resume")
-    monkeypatch.setattr(T, "_save_state", real_save)
+    _crash_at_first_save(tok, c, tmp_path / "resume", monkeypatch)
     changed = cfg("trainer.self_rewarding.save_interval=2", "model.spin.ref_policy_kl_penalty=0.3")
     fresh = build_tiny(SMALL, tok, seed=5)
     T.train_dpo(fresh, PAIRS, changed, iteration=1)
