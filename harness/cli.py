@@ -85,6 +85,27 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_sft_baseline(args) -> int:
+    from harness import stages, tracking
+    from harness.evaluate import run_evaluate_baseline
+    from harness.io import write_json, write_jsonl
+
+    cfg, lay = _setup(args)
+    if not stages.use_sft_baseline(cfg):
+        raise C.ConfigError("harness sft_baseline needs the task world, model.spin.first_iteration_sft=true and "
+                            "model.sft.baseline=true")
+    with tracking.stage_run(cfg, "sft_baseline") as tr:
+        summary, history = stages.run_sft(cfg, lay, baseline=True)
+        write_jsonl(lay.baseline / "train_history.jsonl", history)
+        write_json(lay.baseline / "train_metrics.json", summary)
+        metrics = run_evaluate_baseline(cfg, lay)
+        if tr:
+            tr.log_metrics({f"sft_baseline/{k.split('/')[-1]}": v for k, v in {**summary, **metrics}.items()},
+                           parent=True)
+    print({**summary, **metrics})
+    return 0
+
+
 def _stage(name: str):
     """generate / judge / meta_judge / pairs / train / evaluate for one iteration."""
 
@@ -208,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.set_defaults(func=cmd_pipeline)
     stage_parser("prepare", "task world (when no data is configured) and tiny base model M0", cmd_prepare)
     stage_parser("sft", "iteration 0: SFT on gold answers (IFT) and judge data (EFT) -> M1", cmd_sft)
+    stage_parser("sft_baseline", "the papers' SFT baseline (IFT only) and its test answers", cmd_sft_baseline)
     helps = {"generate": "N responses per prompt from M_t", "judge": "k judge samples per response by M_t",
              "meta_judge": "Meta-Rewarding: M_t judges its judgements -> judge pairs",
              "pairs": "preference pairs (length control, bad samples, judge-pair mixing)",

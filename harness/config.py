@@ -169,6 +169,7 @@ class SftStage:
 
     max_epochs: int = 1
     lr: float = 9e-6  # its own key (not model.optim.lr): a model trained from scratch needs a far larger one
+    baseline: bool = True  # task world: also train the IFT-only "SFT baseline" and report win rates against it
 
 
 @dataclass

@@ -93,6 +93,8 @@ MEANING = {
     "model.sft.lr": "peak learning rate of iteration 0 (SFT)",
     "world.num_ift": "task world: IFT seed size (prompts with gold answers)",
     "world.num_eft": "task world: EFT seed size (judge prompts with oracle scores)",
+    "model.sft.baseline": "task world: also train the papers' SFT baseline (IFT data only) and report "
+                          "eval/win_rate_vs_sft_baseline",
     "world.num_mft": "task world: meta-judge seed size (two judgements, the one true to the oracle wins)",
     "world.prompts_per_iteration": "task world: fresh prompts per self-rewarding iteration",
     "world.num_validation": "task world: validation conversations",

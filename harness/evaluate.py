@@ -17,7 +17,16 @@ from pathlib import Path
 from harness import config as C
 from harness.data import sft as S
 from harness.io import read_json, read_jsonl, write_json, write_jsonl
-from harness.stages import Layout, _judge_prompt, _load, _render, _use_world, validation_examples, validation_file
+from harness.stages import (
+    Layout,
+    _judge_prompt,
+    _load,
+    _render,
+    _use_world,
+    use_sft_baseline,
+    validation_examples,
+    validation_file,
+)
 
 
 def _greedy(cfg: C.Config) -> C.SamplingParams:
@@ -62,6 +71,35 @@ def win_rate(scores: list[int], baseline: list[int]) -> float:
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)) / len(scores)
 
 
+def _test_answers(cfg: C.Config, policy, lay: Layout, t) -> list[dict]:
+    """Greedy answers to the task world's test split, each with its oracle score."""
+    from harness.data.world import score_record
+    from harness.generation.sampler import generate
+
+    spin = cfg.model.spin
+    recs = S.read_sft(lay.world / "test.jsonl")
+    outs = generate(policy, [_render(cfg, policy, r) for r in recs], num_samples=1, sampling_params=_greedy(cfg),
+                    length_params=spin.length_params, seed_parts=[(cfg.seed, t, "eval", r["id"]) for r in recs],
+                    batch_size=spin.rollout_micro_batch_size, desc=f"evaluate {t}")
+    return [{"id": r["id"], "answer": o[0]["text"], "num_tokens": o[0]["num_tokens"],
+             "oracle_score": score_record(r, o[0]["text"])} for r, o in zip(recs, outs)]
+
+
+def _policy_metrics(answers: list[dict]) -> dict:
+    scores = [a["oracle_score"] for a in answers]
+    return {"eval/oracle_reward": sum(scores) / len(scores), "eval/perfect_rate": sum(s == 5 for s in scores) / len(scores),
+            "eval/response_length": sum(a["num_tokens"] for a in answers) / len(answers)}
+
+
+def run_evaluate_baseline(cfg: C.Config, lay: Layout) -> dict:
+    """The SFT baseline's greedy test answers (what every M_t is compared with) and its oracle metrics."""
+    answers = _test_answers(cfg, _load(cfg, lay.baseline / "model"), lay, "sft_baseline")
+    write_jsonl(lay.baseline / "eval_answers.jsonl", answers)
+    metrics = _policy_metrics(answers)
+    write_json(lay.baseline / "eval.json", metrics)
+    return metrics
+
+
 def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
     """Evaluate M_{t+1}, the model iteration t produced; writes iter<t>/eval.json and eval_answers.jsonl."""
     from harness.generation.sampler import generate
@@ -76,19 +114,13 @@ def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
         enc = [encode(policy.tokenizer, p, r, cfg.model.data.validation_ds.max_seq_length) for p, r in val]
         metrics["eval/val_loss"] = _val_sft(policy, enc, cfg)()["val/loss"]
     if _use_world(cfg):
-        from harness.data.world import score_record
-
-        recs = S.read_sft(lay.world / "test.jsonl")
-        outs = generate(policy, [_render(cfg, policy, r) for r in recs], num_samples=1, sampling_params=_greedy(cfg),
-                        length_params=spin.length_params, seed_parts=[(cfg.seed, t, "eval", r["id"]) for r in recs],
-                        batch_size=spin.rollout_micro_batch_size, desc=f"evaluate iter {t}")
-        answers = [{"id": r["id"], "answer": o[0]["text"], "num_tokens": o[0]["num_tokens"],
-                    "oracle_score": score_record(r, o[0]["text"])} for r, o in zip(recs, outs)]
+        answers = _test_answers(cfg, policy, lay, t)
         write_jsonl(lay.it(t) / "eval_answers.jsonl", answers)
         scores = [a["oracle_score"] for a in answers]
-        metrics["eval/oracle_reward"] = sum(scores) / len(scores)
-        metrics["eval/perfect_rate"] = sum(s == 5 for s in scores) / len(scores)
-        metrics["eval/response_length"] = sum(a["num_tokens"] for a in answers) / len(answers)
+        metrics.update(_policy_metrics(answers))
+        if use_sft_baseline(cfg):  # the papers' other reference: the model SFT'd on IFT data only
+            base = [a["oracle_score"] for a in read_jsonl(lay.baseline / "eval_answers.jsonl")]
+            metrics["eval/win_rate_vs_sft_baseline"] = win_rate(scores, base)
         m1 = lay.it(0) / "eval_answers.jsonl"
         if cfg.model.spin.first_iteration_sft and t > 0 and m1.exists():
             metrics["eval/win_rate_vs_m1"] = win_rate(scores, [a["oracle_score"] for a in read_jsonl(m1)])
@@ -134,6 +166,7 @@ def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
 ROWS = [
     ("eval/oracle_reward", "policy: mean oracle score (0-5) of greedy test answers"),
     ("eval/win_rate_vs_m1", "policy: win rate vs M1 (oracle-judged, ties 1/2)"),
+    ("eval/win_rate_vs_sft_baseline", "policy: win rate vs the SFT baseline (IFT only; oracle-judged, ties 1/2)"),
     ("eval/perfect_rate", "policy: share of impeccable answers (score 5)"),
     ("eval/response_length", "policy: mean answer length (tokens)"),
     ("eval/judge_pairwise_acc", "judge: pairwise accuracy vs oracle"),
@@ -191,7 +224,7 @@ def run_report(cfg: C.Config, lay: Layout, out_dir: Path) -> dict:
     csv = ["iteration," + ",".join(k.replace("/", "_") for k in keys)]
     csv += [f"{r['iteration']}," + ",".join("" if r.get(k) is None else repr(r.get(k)) for k in keys) for r in rows]
     (out_dir / "iterations.csv").write_text("\n".join(csv) + "\n", encoding="utf-8")
-    plots = {"oracle_reward": ["eval/oracle_reward"], "win_rate": ["eval/win_rate_vs_m1"],
+    plots = {"oracle_reward": ["eval/oracle_reward"], "win_rate": ["eval/win_rate_vs_m1", "eval/win_rate_vs_sft_baseline"],
              "judge": ["eval/judge_pairwise_acc", "eval/judge_exact_match", "eval/judge_spearman"],
              "lengths": ["eval/response_length", "pairs/chosen_tokens", "pairs/rejected_tokens"],
              "rewards": ["train/chosen_generated_rewards", "train/rejected_generated_rewards"]}

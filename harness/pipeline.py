@@ -31,6 +31,7 @@ STAGE_PARAMS: dict[str, list[str]] = {
                 "trainer.self_rewarding.max_iterations", "model.spin.llm_meta_judge_prompt", *_JUDGE],
     "sft": [*_MODEL, *_LOOP, "model.sft", "model.data.sft_ds", "model.data.judge_train_ds",
             "model.spin.first_iteration_sft"],
+    "sft_baseline": [*_MODEL, *_LOOP, *_GEN, "model.sft", "model.data.sft_ds", "model.spin.first_iteration_sft"],
     "generate": [*_MODEL, *_GEN, "model.spin.num_responses_to_gen", "model.data.train_ds.file_path"],
     "judge": [*_MODEL, *_GEN, *_JUDGE, "model.spin.num_evals_to_average"],
     "meta_judge": [*_MODEL, *_GEN, *_JUDGE, "model.spin.use_meta_judge", "model.spin.llm_meta_judge_prompt",
@@ -42,7 +43,7 @@ STAGE_PARAMS: dict[str, list[str]] = {
               "model.spin.preference_loss_weight", "model.spin.sft_loss_weight", "model.spin.gt_reward_scale",
               "model.spin.preference_average_log_probs", "model.spin.sft_average_log_probs",
               "model.data.train_ds.max_seq_length", "model.data.train_ds.shuffle"],
-    "evaluate": [*_MODEL, *_GEN, *_JUDGE, "model.micro_batch_size", "model.spin.first_iteration_sft",
+    "evaluate": [*_MODEL, *_GEN, *_JUDGE, "model.micro_batch_size", "model.spin.first_iteration_sft", "model.sft.baseline",
                  "model.data.validation_ds", "trainer.self_rewarding.limit_val_batches"],
     "report": ["trainer.self_rewarding.max_iterations", "model.spin.first_iteration_sft", "model.spin.use_meta_judge"],
 }
@@ -53,6 +54,7 @@ _MODEL_CODE = ["harness/models", "harness/generation"]
 STAGE_CODE: dict[str, list[str]] = {
     "prepare": ["harness/data/world.py", "harness/models", "harness/judging/templates.py"],
     "sft": ["harness/models", "harness/train.py", "harness/losses.py"],
+    "sft_baseline": [*_MODEL_CODE, "harness/train.py", "harness/losses.py", "harness/evaluate.py", "harness/data/world.py"],
     "generate": _MODEL_CODE,
     "judge": [*_MODEL_CODE, "harness/judging"],
     "meta_judge": [*_MODEL_CODE, "harness/judging"],
@@ -101,9 +103,18 @@ def dvc_yaml(cfg: C.Config) -> dict:
     if sft:
         stages["sft"] = _stage(f"harness sft --root {r}", "sft", [base, f"{r}/world"],
                                [f"{r}/iter0/model", f"{r}/iter0/train_history.jsonl"], [f"{r}/iter0/train_metrics.json"])
+    # the papers' SFT baseline (IFT only): a second reference for win rates (task world only)
+    baseline = sft and tiny and cfg.model.data.train_ds.file_path is None and cfg.model.sft.baseline
+    base_answers = [f"{r}/sft_baseline/eval_answers.jsonl"] if baseline else []
+    if baseline:
+        stages["sft_baseline"] = _stage(
+            f"harness sft_baseline --root {r}", "sft_baseline", [base, f"{r}/world"],
+            [f"{r}/sft_baseline/model", f"{r}/sft_baseline/train_history.jsonl", *base_answers],
+            [f"{r}/sft_baseline/train_metrics.json", f"{r}/sft_baseline/eval.json"])
+    if sft:
         stages["evaluate_sft"] = _stage(f"harness evaluate --root {r} --iteration 0", "evaluate",
-                                        [f"{r}/iter0/model", f"{r}/world"], [f"{r}/iter0/eval_answers.jsonl"],
-                                        [f"{r}/iter0/eval.json"])
+                                        [f"{r}/iter0/model", f"{r}/world", *base_answers],
+                                        [f"{r}/iter0/eval_answers.jsonl"], [f"{r}/iter0/eval.json"])
     # a dict (not a list) so DVC names the stages generate@1, generate@2, ... after the iteration
     items = {str(t): {"it": t, "prev": f"{r}/iter{t - 1}/model" if t > 0 else base} for t in range(first, n)}
     it, d = "${item.it}", f"{r}/iter${{item.it}}"
@@ -115,7 +126,7 @@ def dvc_yaml(cfg: C.Config) -> dict:
         "pairs": ([f"{d}/judged.jsonl", f"{d}/judge_pairs.jsonl"], [f"{d}/pairs.jsonl"], [f"{d}/pairs_metrics.json"]),
         "train": (["${item.prev}", f"{d}/pairs.jsonl", f"{d}/pairs_metrics.json", f"{r}/world"],
                   [f"{d}/model", f"{d}/train_history.jsonl"], [f"{d}/train_metrics.json"]),
-        "evaluate": ([f"{d}/model", f"{r}/world", *([f"{r}/iter0/eval_answers.jsonl"] if sft else [])],
+        "evaluate": ([f"{d}/model", f"{r}/world", *([f"{r}/iter0/eval_answers.jsonl"] if sft else []), *base_answers],
                      [f"{d}/eval_answers.jsonl"], [f"{d}/eval.json"]),
     }
     for name, (deps, outs, metrics) in per_iter.items():

@@ -28,6 +28,10 @@ class Layout:
     def base_model(self) -> Path:
         return self.root / "base" / "model"
 
+    @property
+    def baseline(self) -> Path:
+        return self.root / "sft_baseline"  # the papers' "SFT baseline": IFT data only
+
     def it(self, t: int) -> Path:
         return self.root / f"iter{t}"
 
@@ -50,6 +54,11 @@ def model_before(cfg: C.Config, lay: Layout, t: int) -> Path:
 
 def _use_world(cfg: C.Config) -> bool:
     return cfg.pretrained_checkpoint.restore_from_path is None and cfg.model.data.train_ds.file_path is None
+
+
+def use_sft_baseline(cfg: C.Config) -> bool:
+    """The IFT-only SFT baseline: task world, SFT iteration, and model.sft.baseline."""
+    return _use_world(cfg) and cfg.model.spin.first_iteration_sft and cfg.model.sft.baseline
 
 
 def prompts_file(cfg: C.Config, lay: Layout, t: int) -> Path:
@@ -112,7 +121,8 @@ def prepare(cfg: C.Config, lay: Layout) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- sft (iteration 0)
-def sft_examples(cfg: C.Config, lay: Layout, policy) -> tuple[list[tuple[str, str]], dict]:
+def sft_examples(cfg: C.Config, lay: Layout, policy, only: str | None = None
+                 ) -> tuple[list[tuple[str, str]], dict]:
     """(prompt, answer) pairs of iteration 0: gold answers (IFT), judge-training targets (EFT) and, in the task
     world, meta-judge targets (MFT)."""
     d = cfg.model.data
@@ -124,7 +134,7 @@ def sft_examples(cfg: C.Config, lay: Layout, policy) -> tuple[list[tuple[str, st
     examples, counts = [], {}
     mft = lay.world / "mft.jsonl" if _use_world(cfg) and not d.judge_train_ds.file_path else None
     for name, path in (("ift", ift), ("eft", eft), ("mft", mft)):
-        if path is None or (name == "mft" and not path.exists()):
+        if path is None or (name == "mft" and not path.exists()) or (only and name != only):
             continue
         rows = [r for r in S.read_sft(path) if S.gold_response(r) is not None]
         examples += [(_render(cfg, policy, r), S.gold_response(r)) for r in rows]
@@ -154,15 +164,23 @@ def _summary(history: list[dict]) -> dict:
     return out
 
 
-def run_sft(cfg: C.Config, lay: Layout) -> tuple[dict, list[dict]]:
+def run_sft(cfg: C.Config, lay: Layout, *, baseline: bool = False) -> tuple[dict, list[dict]]:
+    """M0 -> M1 on IFT + EFT (+ MFT); with baseline, M0 -> the SFT baseline on IFT only (same settings)."""
+    import shutil
+
     from harness.train import train_sft
 
     policy = _load(cfg, initial_model(cfg, lay))
-    examples, counts = sft_examples(cfg, lay, policy)
+    examples, counts = sft_examples(cfg, lay, policy, only="ift" if baseline else None)
+    resume = lay.root / "resume" / "sft_baseline" if baseline else lay.resume(0)
     history = train_sft(policy, examples, cfg, validation=validation_examples(cfg, lay, policy), iteration=0,
-                        resume_dir=lay.resume(0))
-    policy.save(lay.model(0), stage_config(cfg, "sft"))
-    _clear_resume(lay, 0)
+                        resume_dir=resume)
+    if baseline:
+        policy.save(lay.baseline / "model", stage_config(cfg, "sft_baseline"))
+        shutil.rmtree(resume, ignore_errors=True)
+    else:
+        policy.save(lay.model(0), stage_config(cfg, "sft"))
+        _clear_resume(lay, 0)
     return {**counts, **_summary(history)}, history
 
 

@@ -46,10 +46,13 @@ def test_repro_writes_every_stage_output(repro):
     proj = repro["proj"]
     for t in range(3):
         assert (proj / f"runs/iter{t}/model/model.safetensors").exists()
-        assert "eval/oracle_reward" in json.loads((proj / f"runs/iter{t}/eval.json").read_text())
+        ev = json.loads((proj / f"runs/iter{t}/eval.json").read_text())
+        assert "eval/oracle_reward" in ev and 0.0 <= ev["eval/win_rate_vs_sft_baseline"] <= 1.0
     assert "| policy: mean oracle score" in (proj / "runs/report/report.md").read_text()
     assert {p.name for p in (proj / "runs/report/plots").iterdir()} >= {"oracle_reward.png", "win_rate.png"}
-    assert {"prepare", "sft", "generate@1", "train@2", "report"} <= ran(repro["stdout"])
+    assert {"prepare", "sft", "sft_baseline", "generate@1", "train@2", "report"} <= ran(repro["stdout"])
+    assert (proj / "runs/sft_baseline/model/model.safetensors").exists()
+    assert "win rate vs the SFT baseline" in (proj / "runs/report/report.md").read_text()
 
 
 def test_second_repro_does_no_work(repro):
