@@ -166,31 +166,26 @@ def _summary(history: list[dict]) -> dict:
 
 def run_sft(cfg: C.Config, lay: Layout, *, baseline: bool = False) -> tuple[dict, list[dict]]:
     """M0 -> M1 on IFT + EFT (+ MFT); with baseline, M0 -> the SFT baseline on IFT only (same settings)."""
-    import shutil
-
     from harness.train import train_sft
 
     policy = _load(cfg, initial_model(cfg, lay))
     examples, counts = sft_examples(cfg, lay, policy, only="ift" if baseline else None)
     resume = lay.root / "resume" / "sft_baseline" if baseline else lay.resume(0)
+    out, stage = (lay.baseline / "model", "sft_baseline") if baseline else (lay.model(0), "sft")
     history = train_sft(policy, examples, cfg, validation=validation_examples(cfg, lay, policy), iteration=0,
                         resume_dir=resume)
-    if baseline:
-        policy.save(lay.baseline / "model", stage_config(cfg, "sft_baseline"))
-        shutil.rmtree(resume, ignore_errors=True)
-    else:
-        policy.save(lay.model(0), stage_config(cfg, "sft"))
-        _clear_resume(lay, 0)
+    policy.save(out, stage_config(cfg, stage))
+    _clear_resume(resume)
     return {**counts, **_summary(history)}, history
 
 
-def _clear_resume(lay: Layout, t: int) -> None:
+def _clear_resume(resume_dir: Path) -> None:
     import shutil
 
     from harness.train import ref_cache_path
 
-    shutil.rmtree(lay.resume(t), ignore_errors=True)
-    ref_cache_path(lay.resume(t)).unlink(missing_ok=True)
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    ref_cache_path(resume_dir).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------- generate
@@ -371,7 +366,7 @@ def run_train(cfg: C.Config, lay: Layout, t: int) -> tuple[dict, list[dict]]:
         history = train_dpo(policy, pairs, cfg, iteration=t, validation=validation_examples(cfg, lay, policy),
                             resume_dir=lay.resume(t))
     policy.save(lay.model(t), stage_config(cfg, "train"))
-    _clear_resume(lay, t)
+    _clear_resume(lay.resume(t))
     summary = _summary(history)
     summary.update({k: v for k, v in read_json(lay.it(t) / "pairs_metrics.json").items() if k.startswith("train/")})
     return summary, history
