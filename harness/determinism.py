@@ -72,12 +72,14 @@ def fingerprint() -> dict:
         "num_threads": torch.get_num_threads(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
     }
-    for mod in ("transformers", "megatron.core", "tokenizers", "safetensors"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    # Versions from package metadata: importing megatron-core just to read __version__ costs seconds and warnings.
+    for dist in ("transformers", "megatron-core", "tokenizers", "safetensors"):
         try:
-            m = __import__(mod, fromlist=["__version__"])
-            out[mod] = getattr(m, "__version__", "unknown")
-        except Exception:  # noqa: BLE001 - a missing optional package is a fact, not an error
-            out[mod] = None
+            out[dist] = version(dist)
+        except PackageNotFoundError:  # a missing optional package is a fact, not an error
+            out[dist] = None
     for k in ("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "NVTE_MASKED_SOFTMAX_FUSION", "NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN",
               "CUBLAS_WORKSPACE_CONFIG"):
         out[k] = os.environ.get(k)
