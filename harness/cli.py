@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from harness import config as C
-from harness.io import DataError
+from harness.io import DataError, stage_outputs
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -60,7 +60,8 @@ def cmd_prepare(args) -> int:
 
     cfg, lay = _setup(args)
     with tracking.stage_run(cfg, "prepare") as tr:
-        out = stages.prepare(cfg, lay)
+        with stage_outputs(lay.world, lay.base_model):
+            out = stages.prepare(cfg, lay)
         if tr:
             tr.log_metrics({f"prepare/{k}": v for k, v in out.items()}, parent=True)
     print(out)
@@ -75,9 +76,10 @@ def cmd_sft(args) -> int:
     if not cfg.model.spin.first_iteration_sft:
         raise C.ConfigError("harness sft runs iteration 0 only with model.spin.first_iteration_sft=true")
     with tracking.stage_run(cfg, "sft", 0) as tr:
-        summary, history = stages.run_sft(cfg, lay)
-        write_jsonl(lay.it(0) / "train_history.jsonl", history)
-        write_json(lay.it(0) / "train_metrics.json", summary)
+        with stage_outputs(lay.it(0)):
+            summary, history = stages.run_sft(cfg, lay)
+            write_jsonl(lay.it(0) / "train_history.jsonl", history)
+            write_json(lay.it(0) / "train_metrics.json", summary)
         if tr:
             tr.log_history(history)
             tr.log_metrics(summary, step=0)
@@ -95,10 +97,11 @@ def cmd_sft_baseline(args) -> int:
         raise C.ConfigError("harness sft_baseline needs the task world, model.spin.first_iteration_sft=true and "
                             "model.sft.baseline=true")
     with tracking.stage_run(cfg, "sft_baseline") as tr:
-        summary, history = stages.run_sft(cfg, lay, baseline=True)
-        write_jsonl(lay.baseline / "train_history.jsonl", history)
-        write_json(lay.baseline / "train_metrics.json", summary)
-        metrics = run_evaluate_baseline(cfg, lay)
+        with stage_outputs(lay.baseline):
+            summary, history = stages.run_sft(cfg, lay, baseline=True)
+            write_jsonl(lay.baseline / "train_history.jsonl", history)
+            write_json(lay.baseline / "train_metrics.json", summary)
+            metrics = run_evaluate_baseline(cfg, lay)
         if tr:
             tr.log_metrics({f"sft_baseline/{k.split('/')[-1]}": v for k, v in {**summary, **metrics}.items()},
                            parent=True)
@@ -116,24 +119,31 @@ def _stage(name: str):
         cfg, lay = _setup(args)
         t = _iteration(cfg, args.iteration, sft=name == "evaluate")
         with tracking.stage_run(cfg, name, t) as tr:
-            if name == "train":
-                metrics, history = stages.run_train(cfg, lay, t)
-                write_jsonl(lay.it(t) / "train_history.jsonl", history)
-                write_json(lay.it(t) / "train_metrics.json", metrics)
-                if tr:
-                    tr.log_history(history)
-            elif name == "evaluate":
-                from harness.evaluate import run_evaluate
+            with stage_outputs(lay.it(t)):  # all of the stage's outputs, or (on any error) none of them
+                history = []
+                if name == "train":
+                    metrics, history = stages.run_train(cfg, lay, t)
+                    write_jsonl(lay.it(t) / "train_history.jsonl", history)
+                    write_json(lay.it(t) / "train_metrics.json", metrics)
+                elif name == "evaluate":
+                    from harness.evaluate import run_evaluate
 
-                metrics = run_evaluate(cfg, lay, t)
-                if tr:
-                    tr.log_metrics(metrics, step=t, parent=True)
-            else:
-                metrics = getattr(stages, f"run_{name}")(cfg, lay, t)
-                if name != "pairs":
-                    write_json(lay.it(t) / f"{name}_metrics.json", metrics)
+                    metrics = run_evaluate(cfg, lay, t)
+                else:
+                    metrics = getattr(stages, f"run_{name}")(cfg, lay, t)
+                    if name != "pairs":
+                        write_json(lay.it(t) / f"{name}_metrics.json", metrics)
+            warning = stages.no_pairs_warning(metrics, t) if name in ("pairs", "train") else None
+            if warning:
+                print(f"harness: WARNING: {warning}", file=sys.stderr)
             if tr:
+                tr.log_history(history)
+                if name == "evaluate":
+                    tr.log_metrics(metrics, step=t, parent=True)
                 tr.log_metrics(metrics, step=t)
+                if warning:
+                    tr.set_tags({"harness.warning": warning})
+                    tr.set_tags({f"harness.warning.iter{t}": warning}, parent=True)
                 if name == "pairs":
                     _log_pairs_table(tr, lay.it(t) / "pairs.jsonl")
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})

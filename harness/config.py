@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -113,6 +114,7 @@ class Spin:
     preference_average_log_probs: bool = False
     sft_average_log_probs: bool | None = None  # None: same as preference_average_log_probs
     first_iteration_sft: bool = False
+    require_pairs: bool = False  # an iteration with no usable preference pair: false = loud warning, true = error
     judge_score_low: float = 0.0
     judge_score_high: float = 5.0
     judge_template: str = "paper"  # paper (verbatim prompts of the papers) | compact (short rubric for tiny models)
@@ -240,6 +242,10 @@ LAUNCHER_ONLY = (
     "model.data.*_ds.pin_memory", "model.data.*_ds.micro_batch_size", "model.data.*_ds.global_batch_size",
     "model.data.*_ds.output_original_text",
 )
+PATHS = ("pretrained_checkpoint.restore_from_path", "exp_manager.explicit_log_dir", "exp_manager.exp_dir",
+         "tracking.tracking_uri", *(f"model.data.{d}.file_path" for d in ("train_ds", "validation_ds", "sft_ds",
+                                                                          "judge_train_ds")))
+MIN_TINY_VOCAB = 262  # models/tokenizer.py: the 256 byte tokens + 6 special tokens (BOS, EOS, PAD, 3 chat turns)
 PREFERENCE_LOSSES = ("dpo", "scale", "rpo_bwd_kl", "rpo_fwd_kl", "ipo", "rpo_sq")
 SCHEDULES = ("model.spin.ref_policy_kl_penalty", "model.spin.length_control")
 
@@ -337,6 +343,8 @@ def _type_name(tp: Any) -> str:
 def _coerce(path: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
+        if float in typing.get_args(tp) and isinstance(value, float) and not math.isfinite(value):
+            return _coerce(path, value, float)  # the real reason, not "expected float | list[float]"
         errors = []
         for arm in typing.get_args(tp):
             if arm is type(None):
@@ -358,15 +366,19 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             return value
         raise ConfigError(f"{path}: expected true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:  # torch, numpy and sqlite (MLflow, Optuna) hold 64-bit integers
+            raise ConfigError(f"{path}: {value} is out of the 64-bit integer range")
+        return value
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if isinstance(value, int) and abs(value) > 2**1023 or not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")  # an inf lr trains a NaN model
+        return float(value)
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -423,20 +435,31 @@ def load(path: str | Path | None = None, overrides: list[str] = (), *, warn=prin
             raise ConfigError(f"config file not found: {p}")
         try:
             tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not valid UTF-8 (byte {e.start})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: expected a mapping at the top level")
         tree = _number_aware_yaml(tree)
     valid = set(all_keys())
+    deleted = {}
     for text in overrides:
         op, key, value = parse_override(text)
         if op == "" and key not in valid and not _is_launcher_only(key) and not _is_prefix(key, valid):
             raise ConfigError(f"unknown config key {key} in override {text!r}{_closest(key, sorted(valid))}")
         _set(tree, key, value, op)
+        if op == "~":
+            deleted[key] = text
     ignored: list[str] = []
-    cfg = _build(Config, tree, "", ignored)
-    validate(cfg)
+    try:
+        cfg = _build(Config, tree, "", ignored)
+        validate(cfg)
+    except ConfigError as e:
+        # A deleted key falls back to its default; say so, or the message blames only the key it was checked with.
+        notes = [f"{k} is at its default {get(Config(), k)!r} (deleted by {t!r})" for k, t in deleted.items()
+                 if k in valid and re.search(rf"{re.escape(k)}\b", str(e))]
+        raise ConfigError("; ".join([str(e), *notes])) from None
     if ignored and warn:
         warn(f"harness: not used by this backend (accepted, ignored): {', '.join(sorted(set(ignored)))}")
     return cfg
@@ -467,6 +490,7 @@ def validate(cfg: Config) -> None:
     _check(0 < sr.limit_train_batches <= 1, "trainer.self_rewarding.limit_train_batches: must be in (0, 1]")
     _check(0 <= sr.limit_val_batches <= 1, "trainer.self_rewarding.limit_val_batches: must be in [0, 1]")
     _check(sr.gradient_clip_val >= 0, "trainer.self_rewarding.gradient_clip_val: must be >= 0")
+    _check(sr.save_interval >= 1, f"trainer.self_rewarding.save_interval: must be >= 1, got {sr.save_interval}")
     _check(not sr.trt_llm.enable, "trainer.self_rewarding.trt_llm.enable: TensorRT-LLM is not installable from PyPI; "
            "set it to false (see README: GPU backends)")
     _check(cfg.trainer.precision in ("32", "bf16", "bf16-mixed", "16"),
@@ -483,14 +507,25 @@ def validate(cfg: Config) -> None:
            f"model.optim.sched.name: one of CosineAnnealing, constant, got {m.optim.sched.name!r}")
     _check(m.sft.max_epochs >= 1, "model.sft.max_epochs: must be >= 1")
     _check(m.sft.lr > 0, f"model.sft.lr: must be > 0, got {m.sft.lr}")
-    _check(0 <= m.optim.sched.min_lr <= m.optim.lr, "model.optim.sched.min_lr: must be in [0, model.optim.lr]")
+    _check(0 <= m.optim.sched.min_lr <= m.optim.lr, f"model.optim.sched.min_lr: must be in [0, model.optim.lr], got "
+           f"model.optim.sched.min_lr={m.optim.sched.min_lr} and model.optim.lr={m.optim.lr}")
+    _check(m.optim.sched.warmup_steps >= 0, "model.optim.sched.warmup_steps: must be >= 0")
+    _check(m.optim.sched.constant_steps >= 0, "model.optim.sched.constant_steps: must be >= 0")
+    _check(m.optim.eps > 0, f"model.optim.eps: must be > 0, got {m.optim.eps}")
+    _check(m.optim.weight_decay >= 0, f"model.optim.weight_decay: must be >= 0, got {m.optim.weight_decay}")
+    _check(m.encoder_seq_length >= 2, f"model.encoder_seq_length: must be >= 2, got {m.encoder_seq_length}")
     _check(spin.preference_loss in PREFERENCE_LOSSES,
            f"model.spin.preference_loss: one of {', '.join(PREFERENCE_LOSSES)}, got {spin.preference_loss!r}")
     _check(spin.num_responses_to_gen >= 2, "model.spin.num_responses_to_gen: must be >= 2 (a pair needs two)")
     _check(spin.num_evals_to_average >= 1, "model.spin.num_evals_to_average: must be >= 1")
+    for k in ("preference_loss_weight", "sft_loss_weight", "gt_reward_scale"):
+        _check(getattr(spin, k) >= 0, f"model.spin.{k}: must be >= 0, got {getattr(spin, k)}")
     _check(spin.judge_score_low < spin.judge_score_high,
            f"model.spin.judge_score_low ({spin.judge_score_low}) must be < model.spin.judge_score_high "
            f"({spin.judge_score_high})")
+    # Checked whether used or not: a sweep over an unused key must not silently run trials that change nothing.
+    _check(spin.meta_judge_pcnt == -1 or 0 <= spin.meta_judge_pcnt <= 1,
+           f"model.spin.meta_judge_pcnt: must be in [0, 1] (or -1, unset), got {spin.meta_judge_pcnt}")
     if spin.use_meta_judge:
         _check(0 <= spin.meta_judge_pcnt <= 1,
                f"model.spin.meta_judge_pcnt: must be in [0, 1] when model.spin.use_meta_judge=true, "
@@ -499,9 +534,7 @@ def validate(cfg: Config) -> None:
     _check(0 < spin.meta_max_relative_pcnt <= 1, "model.spin.meta_max_relative_pcnt: must be in (0, 1]")
     _check(spin.judge_template in ("paper", "compact"),
            f"model.spin.judge_template: one of paper, compact, got {spin.judge_template!r}")
-    _check("{{ reward }}" in spin.judge_reward_regex, "model.spin.judge_reward_regex: must contain {{ reward }}")
-    _check("{{ reward }}" in spin.meta_judge_reward_regex,
-           "model.spin.meta_judge_reward_regex: must contain {{ reward }}")
+    _check_judging(spin)
     _check(spin.rollout_micro_batch_size >= 1, "model.spin.rollout_micro_batch_size: must be >= 1")
     lp, sp = spin.length_params, spin.sampling_params
     _check(1 <= lp.max_length, "model.spin.length_params.max_length: must be >= 1")
@@ -526,13 +559,48 @@ def validate(cfg: Config) -> None:
                f"model.data.train_ds.file_path: a per-iteration list needs {sr.max_iterations} paths, got {len(tfp)}")
     _check(m.data.prompt_format in ("nemo", "hf_chat_template"),
            f"model.data.prompt_format: one of nemo, hf_chat_template, got {m.data.prompt_format!r}")
+    for name in ("train_ds", "validation_ds", "sft_ds", "judge_train_ds"):
+        _check(getattr(m.data, name).max_seq_length >= 2,
+               f"model.data.{name}.max_seq_length: must be >= 2 (a prompt token and a response token)")
+    for key in PATHS:
+        for i, v in enumerate(_as_list(get(cfg, key))):
+            # Path("") is ".", which would be reported as ".: file not found" far from the key that held it.
+            _check(v is None or v.strip() != "", f"{key}{f'[{i}]' if isinstance(get(cfg, key), list) else ''}: "
+                   "empty path (use null for none)")
     t = m.tiny
+    for k in ("hidden_size", "num_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        _check(getattr(t, k) >= 1, f"model.tiny.{k}: must be >= 1, got {getattr(t, k)}")
+    _check(t.vocab_size >= MIN_TINY_VOCAB, f"model.tiny.vocab_size: must be >= {MIN_TINY_VOCAB} (256 bytes and the "
+           f"special tokens of the embedded tokenizer), got {t.vocab_size}")
     _check(t.hidden_size % t.num_attention_heads == 0, "model.tiny.hidden_size: must be a multiple of num_attention_heads")
+    _check(t.hidden_size // t.num_attention_heads % 2 == 0,
+           "model.tiny.hidden_size: hidden_size / num_attention_heads must be even (rotary embeddings rotate pairs)")
     _check(t.num_attention_heads % t.num_key_value_heads == 0,
            "model.tiny.num_key_value_heads: must divide num_attention_heads")
     for k in ("num_ift", "prompts_per_iteration", "num_validation", "num_test"):
         _check(getattr(cfg.world, k) >= 1, f"world.{k}: must be >= 1")
-    _check(cfg.world.num_eft >= 0, "world.num_eft: must be >= 0")
+    for k in ("num_eft", "num_mft"):
+        _check(getattr(cfg.world, k) >= 0, f"world.{k}: must be >= 0")
+    _check(0 <= cfg.seed < 2**63, f"seed: must be in [0, 2^63), got {cfg.seed}")
+
+
+def _check_judging(spin: Spin) -> None:
+    """Judge templates and reward regexes compile, at load time: never after a stage has generated for minutes."""
+    from harness.judging.parse import parse_score, parse_winner
+    from harness.judging.templates import TemplateError, check_template
+
+    for key, parse in (("judge_reward_regex", lambda r: parse_score("", 0, 1, r)),
+                       ("meta_judge_reward_regex", lambda r: parse_winner("", r))):
+        try:
+            parse(getattr(spin, key))  # compiles the regex (a bad one raises ValueError; any text never does)
+        except ValueError as e:
+            raise ConfigError(f"model.spin.{key}: {e}") from None
+    for key, kind in (("llm_judge_prompt", "judge"), ("llm_meta_judge_prompt", "meta_judge")):
+        if getattr(spin, key) is not None:
+            try:
+                check_template(getattr(spin, key), kind, f"model.spin.{key}")
+            except TemplateError as e:
+                raise ConfigError(str(e)) from None
 
 
 def _as_list(v: Any) -> list:

@@ -49,6 +49,7 @@ MEANING = {
     "model.spin.preference_average_log_probs": "average (not sum) log-probs over response tokens in the preference loss",
     "model.spin.sft_average_log_probs": "average log-probs in the SFT term; null = preference_average_log_probs",
     "model.spin.first_iteration_sft": "iteration 0 is SFT on gold answers (IFT) and judge data (EFT)",
+    "model.spin.require_pairs": "an iteration with no usable preference pair is an error (false: a loud warning, M_t+1 = M_t)",
     "model.spin.judge_score_low": "lowest valid judge score; scores outside [low, high] are discarded",
     "model.spin.judge_score_high": "highest valid judge score",
     "model.spin.judge_template": "paper (the papers' prompts verbatim) or compact (a short rubric for tiny models)",

@@ -15,14 +15,16 @@ import math
 from pathlib import Path
 
 from harness import config as C
+from harness import rows as R
 from harness.data import sft as S
-from harness.io import read_json, read_jsonl, write_json, write_jsonl
+from harness.io import DataError, pending, read_json, read_jsonl, write_json, write_jsonl
 from harness.stages import (
     Layout,
     _judge_prompt,
     _load,
     _render,
     _use_world,
+    no_pairs_warning,
     use_sft_baseline,
     validation_examples,
     validation_file,
@@ -57,8 +59,8 @@ def judge_agreement(groups: dict[str, list[tuple[float | None, int]]]) -> dict:
                 if sa is not None and sb is not None:
                     correct += 0.5 if sa == sb else float((sa > sb) == (oa > ob))
     ok = len(xs) > 2 and len(set(xs)) > 1 and len(set(ys)) > 1
-    return {
-        "eval/judge_pairwise_acc": correct / pairs if pairs else float("nan"),
+    return {  # no judgement parsed at all: accuracy is undefined, not 0 (chance is 0.5)
+        "eval/judge_pairwise_acc": correct / pairs if pairs and xs else float("nan"),
         "eval/judge_exact_match": exact / n if n else float("nan"),
         "eval/judge_spearman": float(spearmanr(xs, ys).statistic) if ok else float("nan"),
         "eval/judge_kendall": float(kendalltau(xs, ys).statistic) if ok else float("nan"),
@@ -68,6 +70,9 @@ def judge_agreement(groups: dict[str, list[tuple[float | None, int]]]) -> dict:
 
 def win_rate(scores: list[int], baseline: list[int]) -> float:
     """Oracle-judged head-to-head: a win counts 1, a tie 1/2."""
+    if len(scores) != len(baseline):
+        raise DataError(f"win rate: {len(scores)} test answers against {len(baseline)} baseline answers (a baseline "
+                        "evaluated on another test split: re-run the stage that wrote it)")
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)) / len(scores)
 
 
@@ -93,7 +98,8 @@ def _policy_metrics(answers: list[dict]) -> dict:
 
 def run_evaluate_baseline(cfg: C.Config, lay: Layout) -> dict:
     """The SFT baseline's greedy test answers (what every M_t is compared with) and its oracle metrics."""
-    answers = _test_answers(cfg, _load(cfg, lay.baseline / "model"), lay, "sft_baseline")
+    # pending: the model this very stage trained, not committed yet (a stage that fails writes nothing)
+    answers = _test_answers(cfg, _load(cfg, pending(lay.baseline / "model")), lay, "sft_baseline")
     write_jsonl(lay.baseline / "eval_answers.jsonl", answers)
     metrics = _policy_metrics(answers)
     write_json(lay.baseline / "eval.json", metrics)
@@ -119,14 +125,14 @@ def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
         scores = [a["oracle_score"] for a in answers]
         metrics.update(_policy_metrics(answers))
         if use_sft_baseline(cfg):  # the papers' other reference: the model SFT'd on IFT data only
-            base = [a["oracle_score"] for a in read_jsonl(lay.baseline / "eval_answers.jsonl")]
+            base = [a["oracle_score"] for a in read_jsonl(lay.baseline / "eval_answers.jsonl", R.EVAL_ANSWERS)]
             metrics["eval/win_rate_vs_sft_baseline"] = win_rate(scores, base)
         m1 = lay.it(0) / "eval_answers.jsonl"
         if cfg.model.spin.first_iteration_sft and t > 0 and m1.exists():
-            metrics["eval/win_rate_vs_m1"] = win_rate(scores, [a["oracle_score"] for a in read_jsonl(m1)])
+            metrics["eval/win_rate_vs_m1"] = win_rate(scores, [a["oracle_score"] for a in read_jsonl(m1, R.EVAL_ANSWERS)])
         elif t == 0:
             metrics["eval/win_rate_vs_m1"] = 0.5  # M1 against itself
-        rows = read_jsonl(lay.world / "judge_eval.jsonl")
+        rows = read_jsonl(lay.world / "judge_eval.jsonl", R.JUDGE_EVAL, nonempty=True)
         prompts = [_judge_prompt(cfg, policy, r["prompt"], r["response"]) for r in rows]
         jouts = generate(policy, prompts, num_samples=1, sampling_params=_greedy(cfg),
                          length_params=spin.length_params, seed_parts=[(cfg.seed, t, "judge_eval", r["id"]) for r in rows],
@@ -219,6 +225,8 @@ def run_report(cfg: C.Config, lay: Layout, out_dir: Path) -> dict:
     for key, label in ROWS:
         if any(key in r for r in rows):
             lines.append(f"| {label} | " + " | ".join(_fmt(r.get(key)) for r in rows) + " |")
+    warnings = [w for r in rows if (w := no_pairs_warning(r, r["iteration"]))]
+    lines += ["", *(f"**Warning**: {w}" for w in warnings)] if warnings else []
     (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     keys = [k for k, _ in ROWS if any(k in r for r in rows)]
     csv = ["iteration," + ",".join(k.replace("/", "_") for k in keys)]

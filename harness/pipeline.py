@@ -37,18 +37,18 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "meta_judge": [*_MODEL, *_GEN, *_JUDGE, "model.spin.use_meta_judge", "model.spin.llm_meta_judge_prompt",
                    "model.spin.meta_judge_reward_regex", "model.spin.meta_max_relative_pcnt"],
     "pairs": ["seed", "model.global_batch_size", "model.spin.num_responses_to_gen", "model.spin.length_control",
-              "model.spin.use_meta_judge", "model.spin.meta_judge_pcnt"],
+              "model.spin.use_meta_judge", "model.spin.meta_judge_pcnt", "model.spin.require_pairs"],
     "train": [*_MODEL, *_LOOP, "model.optim.lr", "model.optim.name", "trainer.self_rewarding.max_epochs",
               "trainer.self_rewarding.max_steps", "model.spin.ref_policy_kl_penalty", "model.spin.preference_loss",
               "model.spin.preference_loss_weight", "model.spin.sft_loss_weight", "model.spin.gt_reward_scale",
               "model.spin.preference_average_log_probs", "model.spin.sft_average_log_probs",
-              "model.data.train_ds.max_seq_length", "model.data.train_ds.shuffle"],
+              "model.data.train_ds.max_seq_length", "model.data.train_ds.shuffle", "model.spin.require_pairs"],
     "evaluate": [*_MODEL, *_GEN, *_JUDGE, "model.micro_batch_size", "model.spin.first_iteration_sft", "model.sft.baseline",
                  "model.data.validation_ds", "trainer.self_rewarding.limit_val_batches"],
     "report": ["trainer.self_rewarding.max_iterations", "model.spin.first_iteration_sft", "model.spin.use_meta_judge"],
 }
 
-_BASE_CODE = ["harness/config.py", "harness/io.py", "harness/determinism.py", "harness/stages.py", "harness/cli.py",
+_BASE_CODE = ["harness/config.py", "harness/io.py", "harness/rows.py", "harness/determinism.py", "harness/stages.py", "harness/cli.py",
               "harness/data/sft.py"]
 _MODEL_CODE = ["harness/models", "harness/generation"]
 STAGE_CODE: dict[str, list[str]] = {

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import config as C
+from harness import rows as R
 from harness.data import sft as S
 from harness.io import DataError, read_json, read_jsonl, write_json, write_jsonl
 from harness.pipeline import stage_config
@@ -139,6 +140,9 @@ def sft_examples(cfg: C.Config, lay: Layout, policy, only: str | None = None
         rows = [r for r in S.read_sft(path) if S.gold_response(r) is not None]
         examples += [(_render(cfg, policy, r), S.gold_response(r)) for r in rows]
         counts[f"sft/{name}_examples"] = len(rows)
+    if not examples:  # training on nothing would save M0 as M1 and call it done
+        files = ", ".join(str(p) for p in (ift, eft, mft) if p is not None)
+        raise DataError(f"{files}: no SFT example (a record needs a final {S.ASSISTANT!r} turn with the answer)")
     return examples, counts
 
 
@@ -194,19 +198,21 @@ def run_generate(cfg: C.Config, lay: Layout, t: int) -> dict:
     from harness.generation.sampler import generate
 
     spin = cfg.model.spin
+    recs = S.read_sft(prompts_file(cfg, lay, t), nonempty=True)
     policy = _load(cfg, model_before(cfg, lay, t))
-    recs = S.read_sft(prompts_file(cfg, lay, t))
     ids = [str(r.get("id", i)) for i, r in enumerate(recs)]
     prompts = [_render(cfg, policy, r) for r in recs]
+    stats: dict = {}
     outs = generate(policy, prompts, num_samples=spin.num_responses_to_gen, sampling_params=spin.sampling_params,
                     length_params=spin.length_params, seed_parts=[(cfg.seed, t, "response", i) for i in ids],
-                    batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"generate iter {t}")
+                    batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"generate iter {t}", stats=stats)
     rows = [{"id": i, "prompt": p, "question": S.user_text(r), "meta": r.get("meta"), "responses": o}
             for i, p, r, o in zip(ids, prompts, recs, outs)]
     write_jsonl(lay.it(t) / "responses.jsonl", rows)
     resp = [x for o in outs for x in o]
     return {"generate/responses": len(resp), "generate/mean_tokens": sum(x["num_tokens"] for x in resp) / len(resp),
-            "generate/is_end_rate": sum(x["is_end"] for x in resp) / len(resp)}
+            "generate/is_end_rate": sum(x["is_end"] for x in resp) / len(resp),
+            "generate/truncated_prompts": stats["truncated_prompts"]}
 
 
 # ----------------------------------------------------------------------------------------------------- judge
@@ -216,16 +222,16 @@ def run_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
     from harness.judging.aggregate import aggregate
 
     spin = cfg.model.spin
+    rows = read_jsonl(lay.it(t) / "responses.jsonl", R.RESPONSES, nonempty=True)
     policy = _load(cfg, model_before(cfg, lay, t))
-    rows = read_jsonl(lay.it(t) / "responses.jsonl")
-    prompts, parts = [], []
+    prompts, parts, stats = [], [], {}
     for row in rows:
         for j, r in enumerate(row["responses"]):
             prompts.append(_judge_prompt(cfg, policy, row["question"], r["text"]))
             parts.append((cfg.seed, t, "judge", row["id"], j))
     outs = generate(policy, prompts, num_samples=spin.num_evals_to_average, sampling_params=spin.sampling_params,
                     length_params=spin.length_params, seed_parts=parts, batch_size=spin.rollout_micro_batch_size,
-                    progress=True, desc=f"judge iter {t}")
+                    progress=True, desc=f"judge iter {t}", stats=stats)
     k, failed, total = 0, 0, 0
     for row in rows:
         for r in row["responses"]:
@@ -236,7 +242,8 @@ def run_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
     write_jsonl(lay.it(t) / "judged.jsonl", rows)
     means = [r["mean"] for row in rows for r in row["responses"] if r["mean"] is not None]
     return {"judge/parse_failure_rate": failed / max(total, 1),
-            "judge/mean_score": sum(means) / len(means) if means else float("nan")}
+            "judge/mean_score": sum(means) / len(means) if means else float("nan"),
+            "judge/truncated_prompts": stats["truncated_prompts"]}
 
 
 # ----------------------------------------------------------------------------------------------------- meta-judge
@@ -255,8 +262,8 @@ def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
     from harness.judging.parse import parse_winner, strip_score
     from harness.judging.templates import meta_judge_text
 
+    rows = read_jsonl(lay.it(t) / "judged.jsonl", R.JUDGED, nonempty=True)
     policy = _load(cfg, model_before(cfg, lay, t))
-    rows = read_jsonl(lay.it(t) / "judged.jsonl")
     asks, keys = [], []  # one meta-judge prompt per (prompt, pair, order); results keyed by pair, never by position
     plan = {}
     for row in rows:
@@ -318,8 +325,8 @@ def run_pairs(cfg: C.Config, lay: Layout, t: int) -> dict:
 
     spin = cfg.model.spin
     rho = C.schedule(spin.length_control, t)
-    rows = read_jsonl(lay.it(t) / "judged.jsonl")
-    judge_pairs = read_jsonl(lay.it(t) / "judge_pairs.jsonl")
+    rows = read_jsonl(lay.it(t) / "judged.jsonl", R.JUDGED, nonempty=True)
+    judge_pairs = read_jsonl(lay.it(t) / "judge_pairs.jsonl", R.JUDGE_PAIRS)
     policy_pairs, bad, bad_ends, chosen, rejected = [], 0, 0, [], []
     for row in rows:
         rs = row["responses"]
@@ -350,8 +357,23 @@ def run_pairs(cfg: C.Config, lay: Layout, t: int) -> dict:
         metrics["train/rejected_generated_rewards"] = sum(r["mean"] for r in rejected) / len(rejected)
         metrics["pairs/chosen_tokens"] = sum(c["num_tokens"] for c in chosen) / len(chosen)
         metrics["pairs/rejected_tokens"] = sum(r["num_tokens"] for r in rejected) / len(rejected)
+    warning = no_pairs_warning(metrics, t)
+    if warning and spin.require_pairs:
+        raise DataError(warning)
     write_json(lay.it(t) / "pairs_metrics.json", metrics)
     return metrics
+
+
+def no_pairs_warning(metrics: dict, t: int) -> str | None:
+    """The warning for an iteration with no usable preference pair (it trains nothing: M_{t+1} = M_t), or None.
+
+    metrics: the pairs stage's (or the train stage's summary, which carries its train/ keys)."""
+    if metrics.get("pairs/policy_pairs", 1) and metrics.get("train/steps", 1):
+        return None
+    bad = metrics.get("train/bad_samples_per_GBS")
+    why = f" (bad samples per global batch: {bad:.3g}; see judge/parse_failure_rate)" if bad is not None else ""
+    return (f"iteration {t}: no usable preference pair{why}, so it trains nothing and M{t + 1} is M{t}; "
+            "model.spin.require_pairs=true makes this an error")
 
 
 # ----------------------------------------------------------------------------------------------------- train
@@ -359,8 +381,11 @@ def run_train(cfg: C.Config, lay: Layout, t: int) -> tuple[dict, list[dict]]:
     """M_t -> M_{t+1} on the iteration's pairs; the reference is M_t."""
     from harness.train import train_dpo
 
+    pairs = read_jsonl(lay.it(t) / "pairs.jsonl", R.PAIRS)
+    pairs_metrics = read_json(lay.it(t) / "pairs_metrics.json")
+    if not pairs and cfg.model.spin.require_pairs:
+        raise DataError(f"{lay.it(t) / 'pairs.jsonl'}: {no_pairs_warning({'pairs/policy_pairs': 0}, t)}")
     policy = _load(cfg, model_before(cfg, lay, t))
-    pairs = read_jsonl(lay.it(t) / "pairs.jsonl")
     history = []
     if pairs:
         history = train_dpo(policy, pairs, cfg, iteration=t, validation=validation_examples(cfg, lay, policy),
@@ -368,5 +393,5 @@ def run_train(cfg: C.Config, lay: Layout, t: int) -> tuple[dict, list[dict]]:
     policy.save(lay.model(t), stage_config(cfg, "train"))
     _clear_resume(lay.resume(t))
     summary = _summary(history)
-    summary.update({k: v for k, v in read_json(lay.it(t) / "pairs_metrics.json").items() if k.startswith("train/")})
+    summary.update({k: v for k, v in pairs_metrics.items() if k.startswith("train/")})
     return summary, history

@@ -344,7 +344,7 @@ class Mlflow:
         if t in have:
             return
         ts = int(time.time() * 1000)
-        rows = [Metric(k, float(v), ts, t) for k, v in metrics.items() if k.startswith("eval/")]
+        rows = [Metric(k, float(v), ts, t) for k, v in metrics.items() if k.startswith("eval/") and v is not None]
         self.client.log_batch(run_id, metrics=rows)
 
     def finish(self, run_id: str | None, state: str, tags: dict, value: float | None) -> None:
@@ -412,7 +412,7 @@ def run_trial(ctx: Context, trial) -> float:
             if ctx.metric not in metrics:
                 raise TrialFailed(f"{root}/iter{t}/eval.json has no metric {ctx.metric!r} "
                                   f"(has: {', '.join(k for k in metrics if k.startswith('eval/'))})")
-            v = float(metrics[ctx.metric])
+            v = float("nan") if metrics[ctx.metric] is None else float(metrics[ctx.metric])  # null: undefined
             ctx.mlflow.log_eval(run_id, t, metrics)
             if not math.isfinite(v):
                 raise TrialFailed(f"{ctx.metric} at iteration {t} is {v}")

@@ -23,6 +23,10 @@ from harness.io import DataError, atomic_path, read_json
 from harness.losses import implicit_rewards, preference_loss, sequence_logps, sft_loss
 
 
+class Diverged(DataError):
+    """Training reached a non-finite loss, gradient or weight (a learning rate too large for the data, usually)."""
+
+
 @dataclass
 class Encoded:
     ids: list[int]
@@ -205,6 +209,7 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
                 sums[key] = sums.get(key, 0.0) + v
         clip = sr.gradient_clip_val if sr.gradient_clip_val > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        _check_finite(phase, step, total, lr, {"loss": sums.get("train/loss", 0.0), "gradient norm": float(grad_norm)})
         opt.step()
         row = {"step": step + 1, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
         row.update({key: v / len(batch) for key, v in sums.items()})
@@ -215,8 +220,20 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
             model.train()
         if resume_dir is not None and (step + 1) % sr.save_interval == 0 and step + 1 < total:
             _save_state(resume_dir, model, opt, step + 1, history, extra_state or {}, key)
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    _check_finite(phase, total - 1, total, lr, {f"weight {bad}": float("nan")} if bad else {})
     model.eval()
     return history
+
+
+def _check_finite(phase: str, step: int, total: int, lr: float, values: dict[str, float]) -> None:
+    """Stop a diverged run before anything is saved: a NaN model written with exit 0 poisons every later stage."""
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+        key = "model.sft.lr" if phase == "sft" else "model.optim.lr"
+        what = ", ".join(f"{k} {v}" for k, v in bad.items())
+        raise Diverged(f"{phase} step {step + 1} of {total}: {what}: training diverged ({key}={lr:g}); "
+                       "no model was written")
 
 
 def _val_sft(policy, val: list[Encoded], cfg: C.Config) -> Callable:

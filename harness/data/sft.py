@@ -32,13 +32,9 @@ def validate_record(rec: Any, where: str) -> dict:
     return rec
 
 
-def read_sft(path: str | Path) -> list[dict]:
-    """Read and validate; a bad record is reported with file and line."""
-    path = Path(path)
-    rows = read_jsonl(path)
-    # read_jsonl skips blank lines, so recover line numbers for messages from the raw file.
-    lines = [i for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
-    return [validate_record(r, f"{path}:{lines[k]}") for k, r in enumerate(rows)]
+def read_sft(path: str | Path, *, nonempty: bool = False) -> list[dict]:
+    """Read and validate; a bad record is reported with file and line; nonempty: no record at all is an error."""
+    return read_jsonl(path, validate_record, nonempty=nonempty)
 
 
 def write_sft(path: str | Path, rows: list[dict]) -> int:

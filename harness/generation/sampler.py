@@ -322,13 +322,16 @@ class EndStrings:
 @torch.inference_mode()
 def generate(policy, prompts: list[str], *, num_samples: int, sampling_params, length_params,
              seed_parts: list[tuple], batch_size: int = 32, progress: bool = False,
-             desc: str = "generate") -> list[list[dict]]:
+             desc: str = "generate", stats: dict | None = None) -> list[list[dict]]:
     """For each prompt, num_samples dicts {"text", "num_tokens", "is_end"}.
 
     is_end: stopped by EOS (not in text) or an end string (stripped from text with anything after it); False when
     length_params.max_length new tokens were reached. num_tokens counts generated tokens up to and including the
     end token. EOS and single-token end strings are masked before min_length tokens, and an end string only counts
     when its last token is at index >= min_length. batch_size counts sequences (prompt x sample).
+
+    A prompt longer than the model's context minus max_length keeps its last tokens (cut from the left, as NeMo
+    does); stats["truncated_prompts"] counts them.
     """
     if len(seed_parts) != len(prompts):
         raise ValueError(f"seed_parts: one tuple per prompt, got {len(seed_parts)} for {len(prompts)} prompts")
@@ -342,6 +345,15 @@ def generate(policy, prompts: list[str], *, num_samples: int, sampling_params, l
     if any(not ids for ids in enc):
         raise ValueError("an empty prompt needs a tokenizer with a BOS token")
     model = policy.model
+    room = context_length(model) - lp.max_length
+    if room < 1:
+        from harness.config import ConfigError
+
+        raise ConfigError(f"model.spin.length_params.max_length={lp.max_length} leaves no room for a prompt in the "
+                          f"model's context of {context_length(model)} tokens")
+    if stats is not None:
+        stats["truncated_prompts"] = sum(len(ids) > room for ids in enc)
+    enc = [ids[-room:] for ids in enc]
     runner = LeanLlama(model) if LeanLlama.supports(model) else HFRunner(model)
     ends = EndStrings(tok, list(sp.end_strings or []))
     results: list[list[Any]] = [[None] * num_samples for _ in prompts]
@@ -362,6 +374,12 @@ def generate(policy, prompts: list[str], *, num_samples: int, sampling_params, l
     if bar is not None:
         bar.close()
     return results
+
+
+def context_length(model) -> int:
+    """Positions the model was trained for (config.max_position_embeddings); unbounded when it does not say."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return int(n) if n else 1 << 62
 
 
 def _generate_batch(runner, policy, enc, batch, seed_parts, sp, lp, ends: EndStrings) -> list[dict]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
 
 from harness.judging.parse import DEFAULT_SCORE_REGEX, strip_score
 
@@ -104,6 +103,8 @@ def elo_scores(n: int, battles: dict[tuple[int, int], float]) -> list[float]:
                 weights.append(w)
     if not rows or all(battles[p] == 0.5 for p in battles if battles[p] is not None):
         return [ELO_INIT] * n
+    from sklearn.linear_model import LogisticRegression  # imported here: 3 s that config loading must not pay
+
     model = LogisticRegression(C=ELO_C, fit_intercept=False, tol=1e-10, max_iter=1000)
     model.fit(np.array(rows), np.array(ys), sample_weight=np.array(weights))
     return [round(ELO_INIT + ELO_SCALE * float(c), 6) for c in model.coef_[0]]

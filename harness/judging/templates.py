@@ -115,6 +115,25 @@ def _render(source: str, what: str, variables: dict[str, str]) -> str:
         raise TemplateError(f"{what}: {e.message}; the variables offered are: {offered}") from None
 
 
+VARIABLES = {"judge": ("prompt", "response", "low", "high"),
+             "meta_judge": ("prompt", "response", "judgement_a", "judgement_b", "low", "high")}
+
+
+def check_template(source: str, kind: str, what: str) -> None:
+    """Parse a template and check it names only the variables offered to `kind` (judge or meta_judge), so a bad
+    llm_judge_prompt fails when the config loads, not after a stage has generated every response."""
+    from jinja2 import meta
+
+    try:
+        names = meta.find_undeclared_variables(_ENV.parse(source))
+    except jinja2.TemplateSyntaxError as e:
+        raise TemplateError(f"{what}: not a valid Jinja2 template (line {e.lineno}): {e.message}") from None
+    unknown = sorted(names - set(VARIABLES[kind]))
+    if unknown:
+        raise TemplateError(f"{what}: unknown variable(s) {', '.join(unknown)}; the variables offered are: "
+                            f"{', '.join(sorted(VARIABLES[kind]))}")
+
+
 def _range_vars(spin) -> dict[str, str]:
     return {"low": f"{spin.judge_score_low:g}", "high": f"{spin.judge_score_high:g}"}
 

@@ -62,5 +62,12 @@ def _backend(name: str):
 
 
 def load_policy(path: str | Path, backend: str = "hf", dtype: torch.dtype = torch.float32) -> Policy:
-    """Load a checkpoint directory; bad or missing files raise harness.io.DataError naming the path."""
-    return _backend(backend).load(path, dtype=dtype)
+    """Load a checkpoint directory; bad or missing files, or NaN/inf weights, raise harness.io.DataError naming it."""
+    from harness.io import DataError
+
+    policy = _backend(backend).load(path, dtype=dtype)
+    bad = [n for n, t in policy.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise DataError(f"{path}: non-finite weights (NaN or inf) in {', '.join(bad[:3])}"
+                        + (f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""))
+    return policy
