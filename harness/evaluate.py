@@ -68,6 +68,22 @@ def judge_agreement(groups: dict[str, list[tuple[float | None, int]]]) -> dict:
     }
 
 
+def eval_metrics(cfg: C.Config, t: int) -> set[str]:
+    """The eval/ metrics run_evaluate writes for iteration t under cfg (a sweep checks its objective against them)."""
+    lay = Layout()
+    out = {"eval/val_loss"} if validation_file(cfg, lay) is not None else set()
+    if _use_world(cfg):
+        out |= {"eval/oracle_reward", "eval/perfect_rate", "eval/response_length", "eval/judge_pairwise_acc",
+                "eval/judge_exact_match", "eval/judge_spearman", "eval/judge_kendall", "eval/judge_parse_failure"}
+        if use_sft_baseline(cfg):
+            out.add("eval/win_rate_vs_sft_baseline")
+        if t == 0 or cfg.model.spin.first_iteration_sft:
+            out.add("eval/win_rate_vs_m1")
+    elif out:
+        out |= {"eval/response_length", "eval/judge_self_mean_score", "eval/judge_self_parse_failure"}
+    return out
+
+
 def win_rate(scores: list[int], baseline: list[int]) -> float:
     """Oracle-judged head-to-head: a win counts 1, a tie 1/2."""
     if len(scores) != len(baseline):

@@ -25,6 +25,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from harness import config as C
+from harness.io import DataError, read_text
 
 DISTRIBUTIONS = ("float", "int", "categorical")
 SAMPLERS = ("tpe", "random")
@@ -111,9 +113,9 @@ def load_space(path: str | Path, base: str | None, overrides: list[str] = ()) ->
     config at each distribution's bounds (so a range the schema refuses, e.g. meta_judge_pcnt up to 2, fails now)."""
     p = str(path)
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise SweepError(f"{p}: search-space file not found") from None
+        raw = yaml.safe_load(read_text(path)) or {}
+    except DataError as e:
+        raise SweepError(str(e).replace("file not found", "search-space file not found")) from None
     except yaml.YAMLError as e:
         raise SweepError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -121,25 +123,46 @@ def load_space(path: str | Path, base: str | None, overrides: list[str] = ()) ->
     for k in raw:
         if k not in SPACE_KEYS:
             raise _err(p, k, f"unknown key (allowed: {', '.join(SPACE_KEYS)})")
-    obj = raw.get("objective") or {}
+
+    def get(tree: dict, key: str, types: tuple, default, where: str = ""):
+        v = tree.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, types) or isinstance(v, bool) and bool not in types:
+            names = " or ".join({int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+                                 list: "a list"}[t] for t in types if t is not int or float not in types)
+            raise _err(p, where + key, f"expected {names}, got {v!r}")
+        return v
+
+    obj = get(raw, "objective", (dict,), {})
     for k in obj:
         if k not in ("metric", "direction", "iteration"):
             raise _err(p, f"objective.{k}", "unknown key (allowed: metric, direction, iteration)")
     if obj.get("direction") not in (None, "minimize", "maximize"):
         raise _err(p, "objective.direction", f"{obj['direction']!r} is not minimize or maximize")
-    space = Space(path=p, study_name=str(raw.get("study_name") or Path(path).stem),
-                  storage=str(raw.get("storage") or "sqlite:///optuna.db"), n_trials=int(raw.get("n_trials", 8)),
-                  timeout=raw.get("timeout"), n_jobs=int(raw.get("n_jobs", 1)), seed=int(raw.get("seed", 0)),
-                  sampler=dict(raw.get("sampler") or {"name": "tpe"}), pruner=dict(raw.get("pruner") or {"name": "median"}),
-                  metric=obj.get("metric"), direction=obj.get("direction"), iteration=obj.get("iteration"),
-                  overrides=[*(raw.get("overrides") or []), *overrides])
-    if space.n_trials < 1 or space.n_jobs < 1:
-        raise _err(p, "n_trials" if space.n_trials < 1 else "n_jobs", "must be >= 1")
+    extra = get(raw, "overrides", (list,), [])
+    for i, o in enumerate(extra):
+        if not isinstance(o, str):
+            raise _err(p, f"overrides[{i}]", f"expected a string like model.spin.use_meta_judge=true, got {o!r}")
+    space = Space(path=p, study_name=str(get(raw, "study_name", (str, int), Path(path).stem)),
+                  storage=get(raw, "storage", (str,), "sqlite:///optuna.db"), n_trials=get(raw, "n_trials", (int,), 8),
+                  timeout=get(raw, "timeout", (int, float), None), n_jobs=get(raw, "n_jobs", (int,), 1),
+                  seed=get(raw, "seed", (int,), 0), sampler=dict(get(raw, "sampler", (dict,), {"name": "tpe"})),
+                  pruner=dict(get(raw, "pruner", (dict,), {"name": "median"})),
+                  metric=get(obj, "metric", (str,), None, "objective."), direction=obj.get("direction"),
+                  iteration=get(obj, "iteration", (int,), None, "objective."), overrides=[*extra, *overrides])
+    for k in ("n_trials", "n_jobs"):
+        if getattr(space, k) < 1:
+            raise _err(p, k, f"must be >= 1, got {getattr(space, k)}")
+    if space.timeout is not None and not 0 < space.timeout < math.inf:
+        raise _err(p, "timeout", f"seconds, must be > 0, got {space.timeout}")
     if space.sampler.get("name") not in SAMPLERS:
         raise _err(p, "sampler.name", f"{space.sampler.get('name')!r} is not one of {', '.join(SAMPLERS)}")
     if space.pruner.get("name") not in PRUNERS:
         raise _err(p, "pruner.name", f"{space.pruner.get('name')!r} is not one of {', '.join(PRUNERS)}")
-    params = raw.get("params")
+    _check_args(p, "sampler", space.sampler, lambda: _sampler(space, 0))
+    _check_args(p, "pruner", space.pruner, lambda: _pruner(space))
+    params = get(raw, "params", (dict,), None)
     if not isinstance(params, dict) or not params:
         raise _err(p, "params", "expected a mapping of config keys to distributions")
     valid = set(C.all_keys())
@@ -175,17 +198,74 @@ def load_space(path: str | Path, base: str | None, overrides: list[str] = ()) ->
         if prm.template is not None and (not isinstance(prm.template, list) or X not in prm.template):
             raise _err(p, f"{where}.template", f"a per-iteration list with {X!r} where the value goes, e.g. [0, 0, {X}]")
         space.params.append((prm, bounds))
-    # The schema's own ranges (meta_judge_pcnt in [0,1], list lengths, ...) at each bound, the others at their first
+    # The schema's own ranges (meta_judge_pcnt in [0,1], list lengths, ...): first every param at its first value,
+    # then each other bound with only that param moved, so a refusal names the param whose value caused it.
     first = {prm.key: override(prm.key, prm.value(bounds[0])) for prm, bounds in space.params}
+    try:
+        cfg = C.load(base, [*space.overrides, *first.values()], warn=None)
+    except C.ConfigError as e:
+        key = next((k for k in first if re.match(rf"{re.escape(k)}\b", str(e))), None)
+        where = f"params.{key}" if key else "overrides" if space.overrides else "params"
+        raise _err(p, where, f"{first[key] if key else ', '.join(first.values())} is refused by the config: {e}"
+                   ) from None
     for prm, bounds in space.params:
-        for b in bounds:
+        for b in bounds[1:]:
             try:
                 C.load(base, [*space.overrides, *{**first, prm.key: override(prm.key, prm.value(b))}.values()],
                        warn=None)
             except C.ConfigError as e:
                 raise _err(p, f"params.{prm.key}", f"value {b!r} is refused by the config: {e}") from None
     space.params = [prm for prm, _ in space.params]
-    return space, C.load(base, [*space.overrides, *first.values()], warn=None)
+    _check_objective(space, cfg)
+    return space, cfg
+
+
+def _check_objective(space: Space, cfg: C.Config) -> None:
+    """The objective's metric and iteration, before any trial: a typo must not cost a trial."""
+    from harness.evaluate import eval_metrics
+
+    metric, _ = space.objective(cfg)
+    iters = C.self_rewarding_iterations(cfg)
+    if space.iteration is not None and space.iteration not in iters:
+        raise _err(space.path, "objective.iteration", f"{space.iteration} is not a self-rewarding iteration of this "
+                   f"config (they are {', '.join(map(str, iters))})")
+    for t in iters:  # every iteration reports the metric to the pruner
+        names = eval_metrics(cfg, t)
+        if metric not in names:
+            raise _err(space.path, "objective.metric", f"{metric!r} is not written by `harness evaluate` at iteration "
+                       f"{t} for this config{C._closest(metric, sorted(names))} (it writes: {', '.join(sorted(names))})")
+
+
+def _check_args(path: str, what: str, spec: dict, build) -> None:
+    """Sampler/pruner arguments by the types in the Optuna signature (which does not check them itself), then built
+    once, so a bad value fails here, naming the field, not inside the first trial."""
+    import inspect
+
+    import optuna
+
+    cls = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+           "median": optuna.pruners.MedianPruner, "threshold": optuna.pruners.ThresholdPruner,
+           "none": optuna.pruners.NopPruner}[spec["name"]]
+    sig = inspect.signature(cls.__init__).parameters
+    simple = {"int": (int,), "float": (int, float), "bool": (bool,), "None": (type(None),)}
+    for k, v in spec.items():
+        if k == "name":
+            continue
+        if k == "seed" or k not in sig:
+            allowed = ", ".join(a for a in sig if a not in ("self", "seed")) or "none"
+            note = "; the sampler's seed is the space file's `seed`" if k == "seed" else ""
+            raise _err(path, f"{what}.{k}", f"not an argument of {cls.__name__} (arguments: {allowed}){note}")
+        ann = sig[k].annotation  # a type, or its text (modules with `from __future__ import annotations`)
+        ann = ann.__name__ if isinstance(ann, type) else str(ann).replace(" ", "")
+        if not all(a in simple for a in ann.split("|")):
+            raise _err(path, f"{what}.{k}", f"{cls.__name__}'s {k} ({ann}) cannot be set from a file")
+        ok = tuple(t for a in ann.split("|") for t in simple[a])
+        if not isinstance(v, ok) or isinstance(v, bool) and bool not in ok:
+            raise _err(path, f"{what}.{k}", f"expected {ann.replace('|', ' or ')}, got {v!r}")
+    try:
+        build()
+    except (TypeError, ValueError) as e:
+        raise _err(path, what, f"{cls.__name__} refuses {spec}: {e}") from None
 
 
 def override(key: str, value) -> str:
