@@ -343,8 +343,12 @@ def _type_name(tp: Any) -> str:
 def _coerce(path: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
+        # A value of one arm's shape gets that arm's own message ("length_control[1]: expected a finite number"),
+        # not "expected float | list[float]".
         if float in typing.get_args(tp) and isinstance(value, float) and not math.isfinite(value):
-            return _coerce(path, value, float)  # the real reason, not "expected float | list[float]"
+            return _coerce(path, value, float)
+        if isinstance(value, list) and any(typing.get_origin(a) is list for a in typing.get_args(tp)):
+            return _coerce(path, value, next(a for a in typing.get_args(tp) if typing.get_origin(a) is list))
         errors = []
         for arm in typing.get_args(tp):
             if arm is type(None):
@@ -433,10 +437,12 @@ def load(path: str | Path | None = None, overrides: list[str] = (), *, warn=prin
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
+        from harness.io import DataError, read_text
+
         try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{p}: not valid UTF-8 (byte {e.start})") from None
+            tree = yaml.safe_load(read_text(p)) or {}
+        except DataError as e:  # not UTF-8: the message names the line
+            raise ConfigError(str(e)) from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(tree, dict):
