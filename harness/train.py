@@ -210,7 +210,12 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
         clip = sr.gradient_clip_val if sr.gradient_clip_val > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         _check_finite(phase, step, total, lr, {"loss": sums.get("train/loss", 0.0), "gradient norm": float(grad_norm)})
-        opt.step()
+        try:
+            opt.step()
+        except RuntimeError as e:  # torch: "value cannot be converted to type float without overflow"
+            if "overflow" not in str(e):
+                raise
+            _check_finite(phase, step, total, lr, {"step size": float("inf")})
         row = {"step": step + 1, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
         row.update({key: v / len(batch) for key, v in sums.items()})
         history.append(row)
@@ -220,8 +225,9 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
             model.train()
         if resume_dir is not None and (step + 1) % sr.save_interval == 0 and step + 1 < total:
             _save_state(resume_dir, model, opt, step + 1, history, extra_state or {}, key)
-    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
-    _check_finite(phase, total - 1, total, lr, {f"weight {bad}": float("nan")} if bad else {})
+    bad = next(((n, p) for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    _check_finite(phase, total - 1, total, lr, {f"weight {bad[0]}": float(bad[1][~torch.isfinite(bad[1])][0])}
+                  if bad else {})
     model.eval()
     return history
 

@@ -6,12 +6,14 @@ same before and after). Stages run in-process on a project small enough to build
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+from harness import config as C
 from harness import io
 from harness.cli import main
 from harness.io import file_hash
@@ -75,9 +77,11 @@ def good(tmp_path_factory) -> Path:
     return d
 
 
-def snapshot(runs: Path) -> dict[str, str]:
-    """Every file under runs (hidden ones too: a leftover temporary is a change), by content hash."""
-    return {str(p.relative_to(runs)): file_hash(p) for p in sorted(runs.rglob("*")) if p.is_file()}
+def snapshot(runs: Path) -> dict[str, tuple]:
+    """Every file under runs (hidden ones too: a leftover temporary is a change) by content hash, inode and mtime: a
+    stage that rewrites an output with the same bytes (it is deterministic) has still written it."""
+    return {str(p.relative_to(runs)): (file_hash(p), p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in sorted(runs.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
@@ -153,6 +157,7 @@ CASES = [
      r"model\.spin\.length_control\[1\]: expected a finite number"),
     ("sft_diverges", ["sft"], None, ["model.sft.lr=1e30"],
      r"sft step \d+ of \d+: .*nan.*training diverged \(model\.sft\.lr=1e\+30\); no model was written"),
+    ("sft_lr_overflow", ["sft"], None, ["model.sft.lr=1e300"], r"sft step 1 of \d+: step size inf: training diverged"),
     ("empty_prompts", ["generate", "-i", "1"], write("runs/world/prompts_1.jsonl", b""), [],
      r"runs/world/prompts_1\.jsonl: no rows"),
     ("blank_prompts", ["generate", "-i", "1"], write("runs/world/prompts_1.jsonl", b"\n  \n\n"), [],
@@ -234,3 +239,163 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(case, proj, capsys):
     assert re.search(message, err[-1]), err[-1]
     assert snapshot(proj / "runs") == before  # nothing written, nothing half-written, no temporary left
 
+
+
+def test_non_finite_weights_stop_training_before_anything_is_saved(good):
+    """The last check of the loop: a weight that is not finite (here one the loss never reaches) is an error."""
+    import torch
+
+    from harness.models.base import load_policy
+    from harness.train import Diverged, train_sft
+
+    policy = load_policy(good / "runs/iter0/model")
+    policy.model.register_parameter("unused", torch.nn.Parameter(torch.full((2,), float("inf"))))
+    with pytest.raises(Diverged, match=r"sft step 1 of 1: weight unused inf: training diverged \(model\.sft\.lr="):
+        train_sft(policy, [("Q: 1 2", "1 2")], C.load(good / "fast.yaml", warn=None))
+
+
+# ----------------------------------------------------------------------------------------------------- not errors
+def test_prompt_longer_than_the_context_is_cut_from_the_left_and_counted(good, proj):
+    """NeMo keeps a too-long prompt's last tokens; the response equals that of the cut prompt, and it is counted."""
+    from harness.generation.sampler import context_length, generate
+    from harness.models.base import load_policy
+
+    p = proj / "runs/world/prompts_1.jsonl"
+    row = json.loads(p.read_text().splitlines()[0])
+    row["conversations"][0]["value"] = "Sort these numbers: 3 1 2. " * 300
+    p.write_text(p.read_text() + json.dumps({**row, "id": "long"}) + "\n")
+    assert harness(proj, "generate", "-i", "1") == 0
+    assert strict_json((proj / "runs/iter1/generate_metrics.json").read_text())["generate/truncated_prompts"] == 1
+
+    policy = load_policy(good / "runs/iter0/model")
+    cfg = C.load(good / "fast.yaml", warn=None)
+    lp, sp = cfg.model.spin.length_params, cfg.model.spin.sampling_params
+    ids = policy.tokenizer("x " * 2000, add_special_tokens=False)["input_ids"]
+    room = context_length(policy.model) - lp.max_length
+    cut = policy.tokenizer.decode(ids[-room:])
+    assert policy.tokenizer(cut, add_special_tokens=False)["input_ids"] == ids[-room:]  # the cut text round-trips
+    stats = {}
+    out = generate(policy, ["x " * 2000, cut], num_samples=2, sampling_params=sp, length_params=lp,
+                   seed_parts=[(1,), (1,)], stats=stats)
+    assert stats == {"truncated_prompts": 1} and out[0] == out[1]
+
+
+def test_metrics_files_are_strict_json_with_null_for_undefined(good):
+    """No judgement of the tiny judge parses: the mean score and the pairwise accuracy are undefined (null), not NaN
+    and not 0.0 (chance is 0.5)."""
+    files = sorted((good / "runs").rglob("*.json"))
+    assert len(files) >= 8
+    for f in files:
+        strict_json(f.read_text())
+    judge = strict_json((good / "runs/iter1/judge_metrics.json").read_text())
+    assert judge["judge/parse_failure_rate"] == 1.0 and judge["judge/mean_score"] is None
+    ev = strict_json((good / "runs/iter1/eval.json").read_text())
+    assert ev["eval/judge_parse_failure"] == 1.0 and ev["eval/judge_pairwise_acc"] is None
+    for f in (good / "runs").rglob("*.jsonl"):
+        for line in f.read_text().splitlines():
+            strict_json(line)
+
+
+def test_judge_pairwise_accuracy_undefined_only_when_nothing_parses():
+    from harness.evaluate import judge_agreement
+
+    assert math.isnan(judge_agreement({"a": [(None, 1), (None, 3)]})["eval/judge_pairwise_acc"])
+    assert judge_agreement({"a": [(None, 1), (4.0, 3)], "b": [(1.0, 0), (2.0, 5)]})["eval/judge_pairwise_acc"] == 0.5
+
+
+def test_eval_metrics_lists_what_evaluate_writes(good):
+    from harness.evaluate import eval_metrics
+
+    cfg = C.load(good / "fast.yaml", warn=None)
+    for t in (0, 1):
+        written = {k for k in strict_json((good / f"runs/iter{t}/eval.json").read_text()) if k.startswith("eval/")}
+        assert written == eval_metrics(cfg, t)
+
+
+def test_no_usable_pair_is_a_loud_warning(proj, capsys):
+    """stderr, an MLflow tag on the iteration's run and the pipeline's, and the report; M2 = M1 and exit 0."""
+    from mlflow import MlflowClient
+
+    edit_all_unparsed(proj)
+    uri = f"sqlite:///{proj / 'mlflow.db'}"
+    track = ["tracking.enabled=true", f"tracking.tracking_uri={uri}"]
+    assert harness(proj, "pairs", "-i", "1", *track) == 0
+    assert "harness: WARNING: iteration 1: no usable preference pair" in capsys.readouterr().err
+    assert harness(proj, "train", "-i", "1", *track) == 0
+    assert "M2 is M1" in capsys.readouterr().err
+    assert file_hash(proj / "runs/iter1/model/model.safetensors") == file_hash(
+        proj / "runs/iter0/model/model.safetensors")
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("self-rewarding").experiment_id])
+    tags = {k: v for r in runs for k, v in r.data.tags.items() if k.startswith("harness.warning")}
+    assert set(tags) == {"harness.warning", "harness.warning.iter1"}
+    assert all("no usable preference pair" in v for v in tags.values())
+    assert harness(proj, "report", "--out", str(proj / "runs/report")) == 0
+    assert "**Warning**: iteration 1: no usable preference pair" in (proj / "runs/report/report.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------------- io
+def test_stage_outputs_commit_together_or_not_at_all(tmp_path):
+    out = tmp_path / "iter1"
+    io.write_json(out / "a.json", {"v": 1})
+    io.write_json(out / "b.json", {"v": 1})
+    with pytest.raises(RuntimeError), io.stage_outputs(out):
+        io.write_json(out / "a.json", {"v": 2})
+        assert io.read_json(out / "a.json") == {"v": 1}  # not visible before the commit...
+        assert io.read_json(io.pending(out / "a.json")) == {"v": 2}  # ...except where the stage asks for it
+        raise RuntimeError("the stage fails after writing a")
+    assert io.read_json(out / "a.json") == {"v": 1} and sorted(p.name for p in out.iterdir()) == ["a.json", "b.json"]
+    with io.stage_outputs(out):
+        io.write_json(out / "a.json", {"v": 2})
+        io.write_json(out / "b.json", {"v": 2})
+        io.write_json(tmp_path / "elsewhere.json", {"v": 2})  # not under the stage's roots: written at once
+        assert (tmp_path / "elsewhere.json").exists()
+    assert [io.read_json(out / n) for n in ("a.json", "b.json")] == [{"v": 2}, {"v": 2}]
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.json"]
+
+
+def test_nan_is_written_as_null(tmp_path):
+    io.write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": 0.5})
+    assert strict_json((tmp_path / "m.json").read_text()) == {"a": None, "b": [1.0, None], "c": 0.5}
+    io.write_jsonl(tmp_path / "r.jsonl", [{"x": float("-inf")}, {"x": 2}])
+    assert [strict_json(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()] == [{"x": None}, {"x": 2}]
+
+
+# ----------------------------------------------------------------------------------------------------- sweep
+SWEEP_PARAMS = "params:\n  model.optim.lr: {type: float, low: 1.0e-5, high: 1.0e-4, log: true}\n"
+SWEEP_CASES = [
+    ("n_trials: abc\n", r"n_trials: expected an integer, got 'abc'"),
+    ("timeout: soon\n", r"timeout: expected a number, got 'soon'"),
+    ("timeout: -5\n", r"timeout: seconds, must be > 0"),
+    ("sampler: tpe\n", r"sampler: expected a mapping, got 'tpe'"),
+    ("sampler: {name: tpe, n_startup_trials: '4'}\n", r"sampler\.n_startup_trials: expected int, got '4'"),
+    ("sampler: {name: tpe, n_startup: 4}\n", r"sampler\.n_startup: not an argument of TPESampler"),
+    ("sampler: {name: random, seed: 3}\n", r"sampler\.seed: .*the space file's `seed`"),
+    ("pruner: {name: median, n_warmup_steps: -1}\n", r"pruner: MedianPruner refuses .*negative"),
+    ("pruner: {name: threshold}\n", r"pruner: ThresholdPruner refuses .*lower or upper"),
+    ("objective: maximize\n", r"objective: expected a mapping, got 'maximize'"),
+    ("objective: {metric: eval/win_rate_vs_m}\n",
+     r"objective\.metric: 'eval/win_rate_vs_m' is not written .*closest valid key: eval/win_rate_vs_m1"),
+    ("objective: {iteration: 9}\n", r"objective\.iteration: 9 is not a self-rewarding iteration .*\(they are 1, 2\)"),
+    ("overrides: model.spin.use_meta_judge=true\n", r"overrides: expected a list, got 'model\.spin"),
+    ("overrides: [3]\n", r"overrides\[0\]: expected a string"),
+    # the second param's first value is refused: the message must blame it, not the param checked first
+    (SWEEP_PARAMS + "  model.spin.length_control: {type: float, low: -1.0, high: 0.5}\n",
+     r"params\.model\.spin\.length_control: model\.spin\.length_control=-1\.0 is refused .*length_control"),
+    ("overrides: [model.spin.use_meta_judge=false]\n"
+     "params:\n  model.spin.meta_judge_pcnt: {type: float, low: 0.0, high: 1.5}\n",
+     r"params\.model\.spin\.meta_judge_pcnt: value 1\.5 is refused"),  # refused even with use_meta_judge=false
+]
+
+
+@pytest.mark.parametrize("text, message", SWEEP_CASES)
+def test_bad_sweep_space_fails_before_any_trial(tmp_path, capsys, monkeypatch, text, message):
+    monkeypatch.chdir(tmp_path)  # not a git repository: a space file wrongly accepted cannot start a trial
+    space = tmp_path / "space.yaml"
+    space.write_text(text + ("" if "params:" in text else SWEEP_PARAMS))
+    db = tmp_path / "never.db"
+    base = Path(__file__).resolve().parents[1] / "experiments/smoke.yaml"
+    assert main(["sweep", str(space), "-c", str(base), "--storage", f"sqlite:///{db}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"harness: error: {space}: "), err
+    assert re.search(message, err[0]), err[0]
+    assert not db.exists()  # no study, no trial
