@@ -81,6 +81,7 @@ def cmd_sft(args) -> int:
         if tr:
             tr.log_history(history)
             tr.log_metrics(summary, step=0)
+            _tag_resume(tr, history)
     print(summary)
     return 0
 
@@ -102,6 +103,7 @@ def cmd_sft_baseline(args) -> int:
         if tr:
             tr.log_metrics({f"sft_baseline/{k.split('/')[-1]}": v for k, v in {**summary, **metrics}.items()},
                            parent=True)
+            _tag_resume(tr, history)
     print({**summary, **metrics})
     return 0
 
@@ -122,6 +124,7 @@ def _stage(name: str):
                 write_json(lay.it(t) / "train_metrics.json", metrics)
                 if tr:
                     tr.log_history(history)
+                    _tag_resume(tr, history)
             elif name == "evaluate":
                 from harness.evaluate import run_evaluate
 
@@ -140,6 +143,13 @@ def _stage(name: str):
         return 0
 
     return cmd
+
+
+def _tag_resume(tr, history) -> None:
+    """A resumed training stage says so in MLflow too (train.History already said it on stderr)."""
+    note = getattr(history, "resume_note", None)
+    if note:
+        tr.set_tags({"harness.resumed": note})
 
 
 def _log_pairs_table(tr, path: Path, n: int = 32) -> None:

@@ -63,4 +63,7 @@ def _backend(name: str):
 
 def load_policy(path: str | Path, backend: str = "hf", dtype: torch.dtype = torch.float32) -> Policy:
     """Load a checkpoint directory; bad or missing files raise harness.io.DataError naming the path."""
+    from harness.io import recover
+
+    recover(path)  # a crash in the middle of replacing this directory left only its backup
     return _backend(backend).load(path, dtype=dtype)
