@@ -229,8 +229,7 @@ def run_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
     k, failed, total = 0, 0, 0
     for row in rows:
         for r in row["responses"]:
-            agg = aggregate([o["text"] for o in outs[k]], spin.judge_score_low, spin.judge_score_high,
-                            spin.judge_reward_regex)
+            agg = aggregate(outs[k], spin.judge_score_low, spin.judge_score_high, spin.judge_reward_regex)
             r.update(agg)
             failed, total, k = failed + agg["num_failed"], total + len(outs[k]), k + 1
     write_jsonl(lay.it(t) / "judged.jsonl", rows)
@@ -265,7 +264,7 @@ def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
             continue
         resp = row["responses"][idx]
         js = resp["judgements"]
-        pairs = M.judgement_pairs(js)
+        pairs = M.judgement_pairs(js, spin.judge_reward_regex)
         plan[row["id"]] = (idx, pairs)
         for i, j in pairs:
             a, b = strip_score(js[i]["text"], spin.judge_reward_regex), strip_score(js[j]["text"], spin.judge_reward_regex)
@@ -277,8 +276,7 @@ def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
                     length_params=spin.length_params, seed_parts=[(cfg.seed, t, "meta", *k) for k in keys],
                     batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"meta-judge iter {t}")
     verdicts = {k: parse_winner(o[0]["text"], spin.meta_judge_reward_regex) for k, o in zip(keys, outs)}
-    # NeMo-Aligner's cap: samples per epoch / (score range)^2 per chosen-judgement score class
-    cap = max(1.0, len(rows) / (spin.judge_score_high - spin.judge_score_low) ** 2)
+    cap = M.quota_cap(len(rows), spin.judge_score_low, spin.judge_score_high)  # the iteration's prompts = its epoch
     quota = M.ScoreQuota(spin.judge_score_low, spin.judge_score_high, spin.meta_max_relative_pcnt, cap)
     judge_pairs, stats = [], {"meta/prompts": len(plan), "meta/battles": 0, "meta/unparsed_verdicts": 0,
                               "meta/bad_samples": 0, "meta/quota_rejected": 0}
@@ -295,7 +293,7 @@ def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
             else:
                 battles[(i, j)] = res
         stats["meta/battles"] += len(battles)
-        sel = M.select_judge_pair(js, M.elo_scores(len(js), battles)) if battles else None
+        sel = M.select_judge_pair(js, M.elo_scores(len(js), battles), spin.judge_reward_regex) if battles else None
         if sel is None:
             stats["meta/bad_samples"] += 1
             continue
