@@ -38,12 +38,12 @@ def cmd_config_keys(args) -> int:
 
 def _setup(args) -> tuple[C.Config, object]:
     from harness import determinism
-    from harness.stages import Layout
+    from harness.layout import Layout, log_dir
 
     cfg = load_config(args)
     determinism.set_threads()
     determinism.seed_everything(cfg.seed)
-    return cfg, Layout(Path(args.root or cfg.exp_manager.explicit_log_dir or "runs"))
+    return cfg, Layout(Path(args.root) if args.root else log_dir(cfg))
 
 
 def _iteration(cfg: C.Config, t: int, *, sft: bool = False) -> int:

@@ -225,7 +225,8 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
         opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for i in range(0, len(batch), mbs):
-            loss, metrics = step_fn(batch[i:i + mbs], len(batch))
+            with policy.autocast():  # forward only: backward follows the forward's dtypes
+                loss, metrics = step_fn(batch[i:i + mbs], len(batch))
             loss.backward()
             for name, v in metrics.items():
                 sums[name] = sums.get(name, 0.0) + v
@@ -262,7 +263,7 @@ def _val_sft(policy, val: list[Encoded], cfg: C.Config) -> Callable:
 
     def fn() -> dict:
         tot, cnt = 0.0, 0.0
-        with torch.inference_mode():
+        with torch.inference_mode(), policy.autocast():
             for i in range(0, n, cfg.model.micro_batch_size * 2):
                 ids, attn, mask = collate(val[i:i + cfg.model.micro_batch_size * 2], policy.tokenizer.pad_token_id)
                 nll = sft_loss(_logits(policy.model, ids, attn), ids, mask, average=False)
@@ -276,9 +277,9 @@ def _val_sft(policy, val: list[Encoded], cfg: C.Config) -> Callable:
 def train_sft(policy, examples: list[tuple[str, str]], cfg: C.Config, *, validation: list[tuple[str, str]] = (),
               iteration: int = 0, resume_dir: Path | None = None) -> History:
     """Iteration 0: NLL of (prompt, response) examples (gold answers and judge targets), token-averaged per batch."""
-    max_len = cfg.model.data.sft_ds.max_seq_length
+    max_len = C.seq_len(cfg, cfg.model.data.sft_ds)
     enc = [encode(policy.tokenizer, p, r, max_len) for p, r in examples]
-    val = [encode(policy.tokenizer, p, r, cfg.model.data.validation_ds.max_seq_length) for p, r in validation]
+    val = [encode(policy.tokenizer, p, r, C.seq_len(cfg, cfg.model.data.validation_ds)) for p, r in validation]
     pad = policy.tokenizer.pad_token_id
 
     def step_fn(idx: list[int], batch_size: int):
@@ -298,7 +299,7 @@ def reference_logps(policy, ch: list[Encoded], rj: list[Encoded], average: bool,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of chosen and rejected responses under the policy as it is now (the reference M_t)."""
     out_c, out_r = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), policy.autocast():
         for i in range(0, len(ch), batch):
             c, r, *_ = pair_logps(policy.model, ch[i:i + batch], rj[i:i + batch], policy.tokenizer.pad_token_id,
                                   average)
@@ -342,13 +343,13 @@ def train_dpo(policy, pairs: list[dict], cfg: C.Config, *, iteration: int, valid
     The reference is the policy as loaded (M_t); its log-probs are computed once and cached on disk next to the
     resume state, so no second model is ever in memory and a resumed stage does not recompute them.
     """
-    spin, max_len = cfg.model.spin, cfg.model.data.train_ds.max_seq_length
+    spin, max_len = cfg.model.spin, C.seq_len(cfg, cfg.model.data.train_ds)
     beta = C.schedule(spin.ref_policy_kl_penalty, iteration)
     avg, sft_avg = spin.preference_average_log_probs, C.sft_average_log_probs(spin)
     tok, pad = policy.tokenizer, policy.tokenizer.pad_token_id
     ch = [encode(tok, p["prompt"], p["chosen"], max_len) for p in pairs]
     rj = [encode(tok, p["prompt"], p["rejected"], max_len) for p in pairs]
-    val = [encode(tok, p, r, cfg.model.data.validation_ds.max_seq_length) for p, r in validation]
+    val = [encode(tok, p, r, C.seq_len(cfg, cfg.model.data.validation_ds)) for p, r in validation]
     key = resume_key(pairs, C.to_dict(cfg), iteration, policy.model)
     state: dict[str, torch.Tensor] = {}
     cache = ref_cache_path(resume_dir) if resume_dir is not None else None

@@ -318,3 +318,45 @@ def test_limit_val_batches_zero_validates_nothing(tok):
                                            "trainer.self_rewarding.val_check_interval=1"), iteration=1,
                     validation=val)
     assert h and not any("val/loss" in row for row in h)
+
+
+def test_bf16_precision_trains_and_generates_in_bf16(tok, monkeypatch):
+    """trainer.precision=bf16: every linear layer computes in bf16 in training and in generation; weights, gradients
+    and Adam states stay fp32 (master weights); the loss differs from fp32 by bf16 rounding only."""
+    from harness.config import LengthParams, SamplingParams
+    from harness.generation.sampler import generate
+
+    seen = []
+    p32, p16 = build_tiny(SMALL, tok, seed=9), build_tiny(SMALL, tok, seed=9)
+    p16.precision = "bf16"
+    for m in p16.model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda mod, i, out: seen.append(out.dtype))
+    h32 = T.train_dpo(p32, PAIRS[:4], cfg("trainer.self_rewarding.max_epochs=1"), iteration=1)
+    h16 = T.train_dpo(p16, PAIRS[:4], cfg("trainer.self_rewarding.max_epochs=1", "trainer.precision=bf16"),
+                      iteration=1)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in p16.model.parameters())
+    assert h16[0]["train/loss"] == pytest.approx(h32[0]["train/loss"], abs=0.02)
+    seen.clear()
+    real_linear = torch.nn.functional.linear  # the generation fast path calls F.linear on the weights directly
+
+    def linear(*a, **k):
+        out = real_linear(*a, **k)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    out = generate(p16, ["Sort these numbers: 1 3 2\n"], num_samples=2, sampling_params=SamplingParams(),
+                   length_params=LengthParams(max_length=5), seed_parts=[(1,)])
+    assert len(out[0]) == 2 and all(o["num_tokens"] >= 1 for o in out[0])
+    assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_encoder_seq_length_caps_the_training_sequences(tok):
+    """model.encoder_seq_length is the context: a 4-token context keeps at most 3 response tokens (+ 1 of prompt)."""
+    full = T.train_dpo(build_tiny(SMALL, tok, seed=10), PAIRS[:4], cfg("trainer.self_rewarding.max_epochs=1"),
+                       iteration=1)
+    cut = T.train_dpo(build_tiny(SMALL, tok, seed=10), PAIRS[:4],
+                      cfg("trainer.self_rewarding.max_epochs=1", "model.encoder_seq_length=4"), iteration=1)
+    assert full[0]["train/chosen_lengths"] > 3 and cut[0]["train/chosen_lengths"] == 3
