@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -246,6 +247,7 @@ PATHS = ("pretrained_checkpoint.restore_from_path", "exp_manager.explicit_log_di
          "tracking.tracking_uri", *(f"model.data.{d}.file_path" for d in ("train_ds", "validation_ds", "sft_ds",
                                                                           "judge_train_ds")))
 MIN_TINY_VOCAB = 262  # models/tokenizer.py: the 256 byte tokens + 6 special tokens (BOS, EOS, PAD, 3 chat turns)
+PRECISIONS = ("32", "bf16", "bf16-mixed")  # bf16*: bf16 compute over fp32 weights (models.base.Policy.autocast)
 PREFERENCE_LOSSES = ("dpo", "scale", "rpo_bwd_kl", "rpo_fwd_kl", "ipo", "rpo_sq")
 SCHEDULES = ("model.spin.ref_policy_kl_penalty", "model.spin.length_control")
 
@@ -499,13 +501,17 @@ def validate(cfg: Config) -> None:
     _check(sr.save_interval >= 1, f"trainer.self_rewarding.save_interval: must be >= 1, got {sr.save_interval}")
     _check(not sr.trt_llm.enable, "trainer.self_rewarding.trt_llm.enable: TensorRT-LLM is not installable from PyPI; "
            "set it to false (see README: GPU backends)")
-    _check(cfg.trainer.precision in ("32", "bf16", "bf16-mixed", "16"),
-           f"trainer.precision: one of 32, bf16, bf16-mixed, got {cfg.trainer.precision!r}")
+    _check(cfg.trainer.precision in PRECISIONS,
+           f"trainer.precision: one of {', '.join(PRECISIONS)}, got {cfg.trainer.precision!r}"
+           + (" (fp16 needs a loss scaler, which this harness does not build: use bf16)"
+              if cfg.trainer.precision in ("16", "16-mixed") else ""))
     _check(m.micro_batch_size >= 1, f"model.micro_batch_size: must be >= 1, got {m.micro_batch_size}")
     _check(m.global_batch_size >= m.micro_batch_size and m.global_batch_size % m.micro_batch_size == 0,
            f"model.global_batch_size: must be a multiple of model.micro_batch_size ({m.micro_batch_size}), "
            f"got {m.global_batch_size}")
     _check(m.backend in ("hf", "mcore"), f"model.backend: one of hf, mcore, got {m.backend!r}")
+    _check(m.backend != "mcore" or importlib.util.find_spec("harness.models.mcore") is not None,
+           "model.backend=mcore: the megatron-core backend is not built yet; use model.backend=hf")
     _check(m.optim.lr > 0, f"model.optim.lr: must be > 0, got {m.optim.lr}")
     _check(len(m.optim.betas) == 2 and all(0 <= b < 1 for b in m.optim.betas),
            f"model.optim.betas: two numbers in [0, 1), got {m.optim.betas}")
@@ -630,6 +636,12 @@ def schedule(value: float | list[float], iteration: int) -> float:
             raise ConfigError(f"iteration {iteration}: the per-iteration list {value} has no value for it")
         return float(value[iteration])
     return float(value)
+
+
+def seq_len(cfg: Config, ds: Dataset) -> int:
+    """Max tokens of a training or validation sequence: the dataset's max_seq_length within the model's context
+    (model.encoder_seq_length); longer sequences lose the start of their prompt."""
+    return min(ds.max_seq_length, cfg.model.encoder_seq_length)
 
 
 def sft_average_log_probs(spin: Spin) -> bool:

@@ -18,17 +18,8 @@ from harness import config as C
 from harness import rows as R
 from harness.data import sft as S
 from harness.io import DataError, pending, read_json, read_jsonl, write_json, write_jsonl
-from harness.stages import (
-    Layout,
-    _judge_prompt,
-    _load,
-    _render,
-    _use_world,
-    no_pairs_warning,
-    use_sft_baseline,
-    validation_examples,
-    validation_file,
-)
+from harness.layout import Layout, use_sft_baseline, use_world, validation_file
+from harness.stages import _judge_prompt, _load, _render, no_pairs_warning, validation_examples
 
 
 def _greedy(cfg: C.Config) -> C.SamplingParams:
@@ -72,7 +63,7 @@ def eval_metrics(cfg: C.Config, t: int) -> set[str]:
     """The eval/ metrics run_evaluate writes for iteration t under cfg (a sweep checks its objective against them)."""
     lay = Layout()
     out = {"eval/val_loss"} if validation_file(cfg, lay) is not None else set()
-    if _use_world(cfg):
+    if use_world(cfg):
         out |= {"eval/oracle_reward", "eval/perfect_rate", "eval/response_length", "eval/judge_pairwise_acc",
                 "eval/judge_exact_match", "eval/judge_spearman", "eval/judge_kendall", "eval/judge_parse_failure"}
         if use_sft_baseline(cfg):
@@ -133,9 +124,9 @@ def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
     metrics: dict[str, float] = {"iteration": t}
     val = validation_examples(cfg, lay, policy)
     if val:
-        enc = [encode(policy.tokenizer, p, r, cfg.model.data.validation_ds.max_seq_length) for p, r in val]
+        enc = [encode(policy.tokenizer, p, r, C.seq_len(cfg, cfg.model.data.validation_ds)) for p, r in val]
         metrics["eval/val_loss"] = _val_sft(policy, enc, cfg)()["val/loss"]
-    if _use_world(cfg):
+    if use_world(cfg):
         answers = _test_answers(cfg, policy, lay, t)
         write_jsonl(lay.it(t) / "eval_answers.jsonl", answers)
         scores = [a["oracle_score"] for a in answers]

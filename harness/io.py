@@ -71,6 +71,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
     staged = _staged(path)
     if staged is not None:  # an output of the running stage: kept aside until stage_outputs commits it
         tmp = Path(tempfile.mkdtemp(prefix=".staged.", dir=path.parent)) / path.name
@@ -92,8 +93,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if tmp.is_dir():
             _fsync_tree(tmp)
             if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                _rmtree(old)
+                # A directory cannot be renamed over a non-empty one: move the old one aside first. A crash between
+                # the two renames leaves only the backup, which recover() puts back before the next read or write.
+                old = _backup(path)
                 os.replace(path, old)
                 os.replace(tmp, path)
                 _rmtree(old)
@@ -105,6 +107,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync_dir(path.parent)
     finally:
         _rmtree(tmp.parent)
+
+
+def _backup(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def recover(path: str | Path) -> bool:
+    """Finish a directory replace that a crash cut between its two renames: when `path` is missing and its backup
+    `.<name>.old` exists, the backup (the last complete version) is put back. True when something was recovered.
+    A backup beside an existing `path` is the leftover of a replace that completed: removed."""
+    path = Path(path)
+    if not path.name:  # "." or "/" (the parent of a relative file name): never replaced by atomic_path
+        return False
+    old = _backup(path)
+    if not old.exists():
+        return False
+    if path.exists():
+        _rmtree(old)
+        return False
+    os.replace(old, path)
+    return True
 
 
 def _rmtree(p: Path) -> None:
@@ -173,6 +196,7 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
 def read_text(path: str | Path) -> str:
     """A UTF-8 text file; a missing file or a byte that is not UTF-8 is a DataError naming the file (and line)."""
     path = Path(path)
+    recover(path.parent)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     data = path.read_bytes()

@@ -113,6 +113,8 @@ BAD = [
     (["model.optim.lr=-1"], "model.optim.lr: must be > 0"),
     (["trainer.self_rewarding.trt_llm.enable=true"], "TensorRT-LLM"),
     (["model.spin"], "expected key=value"),
+    (["trainer.precision=16"], "trainer.precision: one of 32, bf16, bf16-mixed.*fp16 needs a loss scaler"),
+    (["model.backend=mcore"], "model.backend=mcore: the megatron-core backend is not built yet"),
 ]
 
 
@@ -176,3 +178,14 @@ def test_overrides_may_follow_options(capsys):
     assert "seed: 3" in out and "lr: 0.5" in out
     with pytest.raises(SystemExit):
         main(["config", "show", "-c", "none", "--bogus"])
+
+
+def test_log_dir_follows_exp_manager():
+    from pathlib import Path
+
+    from harness.layout import log_dir
+
+    assert log_dir(C.Config()) == Path("runs")
+    assert log_dir(C.load(None, ["exp_manager.exp_dir=/exp", "exp_manager.name=sr"], warn=None)) == Path("/exp/sr")
+    both = ["exp_manager.exp_dir=/exp", "exp_manager.explicit_log_dir=/results"]
+    assert log_dir(C.load(None, both, warn=None)) == Path("/results")  # NeMo: explicit_log_dir wins

@@ -353,6 +353,14 @@ def test_stage_outputs_commit_together_or_not_at_all(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.json"]
 
 
+def test_files_in_the_working_directory_read_and_write(tmp_path, monkeypatch):
+    """A bare file name has the parent "." (no name): the crash-recovery check must not fail on it."""
+    monkeypatch.chdir(tmp_path)
+    io.write_jsonl("rows.jsonl", [{"a": 1}])
+    io.write_json("m.json", {"b": 2})
+    assert io.read_jsonl("rows.jsonl") == [{"a": 1}] and io.read_json("m.json") == {"b": 2}
+
+
 def test_nan_is_written_as_null(tmp_path):
     io.write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": 0.5})
     assert strict_json((tmp_path / "m.json").read_text()) == {"a": None, "b": [1.0, None], "c": 0.5}

@@ -6,6 +6,7 @@ BACKENDS and imported only when used (so `hf` users never import megatron and vi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class Policy:
     tokenizer: Any
     config: dict = field(default_factory=dict)
     backend: str = "hf"
+    precision: str = "32"  # trainer.precision: "32", or "bf16"/"bf16-mixed" (bf16 compute, see autocast)
 
     @property
     def eos_token_id(self) -> int:
@@ -42,6 +44,17 @@ class Policy:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def autocast(self):
+        """The compute precision of every forward (training, reference, validation, generation).
+
+        bf16 and bf16-mixed: matmuls and attention in bf16 under torch.autocast, over fp32 weights, gradients and
+        Adam states (NeMo's megatron_amp_O2 keeps fp32 master weights too; pure bf16 weights would lose the small
+        updates of a 1e-6 learning rate). 32: plain fp32, bit-identical on CPU.
+        """
+        if self.precision == "32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] for a right-padded batch (positions count from 0 in every row, as in training)."""
@@ -63,8 +76,9 @@ def _backend(name: str):
 
 def load_policy(path: str | Path, backend: str = "hf", dtype: torch.dtype = torch.float32) -> Policy:
     """Load a checkpoint directory; bad or missing files, or NaN/inf weights, raise harness.io.DataError naming it."""
-    from harness.io import DataError
+    from harness.io import DataError, recover
 
+    recover(path)  # a crash in the middle of replacing this directory left only its backup
     policy = _backend(backend).load(path, dtype=dtype)
     bad = [n for n, t in policy.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
