@@ -253,7 +253,7 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
         if resume_dir is not None and (step + 1) % sr.save_interval == 0 and step + 1 < total:
             _save_state(resume_dir, model, opt, step + 1, history, extra_state or {}, key)
     bad = next(((n, p) for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
-    _check_finite(phase, total - 1, total, lr, {f"weight {bad[0]}": float(bad[1][~torch.isfinite(bad[1])][0])}
+    _check_finite(phase, total - 1, total, lr, {f"weight {bad[0]}": float(bad[1].detach()[~torch.isfinite(bad[1])][0])}
                   if bad else {})
     model.eval()
     return History(history, resumed_from=resumed, steps_computed=total - start, total_steps=total,
