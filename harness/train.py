@@ -252,9 +252,9 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
             model.train()
         if resume_dir is not None and (step + 1) % sr.save_interval == 0 and step + 1 < total:
             _save_state(resume_dir, model, opt, step + 1, history, extra_state or {}, key)
-    bad = next(((n, p) for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
-    _check_finite(phase, total - 1, total, lr, {f"weight {bad[0]}": float(bad[1].detach()[~torch.isfinite(bad[1])][0])}
-                  if bad else {})
+    bad = next(((n, p.detach()) for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        _check_finite(phase, total - 1, total, lr, {f"weight {bad[0]}": float(bad[1][~torch.isfinite(bad[1])][0])})
     model.eval()
     return History(history, resumed_from=resumed, steps_computed=total - start, total_steps=total,
                    resume_dir=resume_dir)
