@@ -342,7 +342,10 @@ def generate(policy, prompts: list[str], *, num_samples: int, sampling_params, l
     if any(not ids for ids in enc):
         raise ValueError("an empty prompt needs a tokenizer with a BOS token")
     model = policy.model
-    runner = LeanLlama(model) if LeanLlama.supports(model) else HFRunner(model)
+    if hasattr(model, "generation_runner"):  # a backend with its own KV cache (mcore: megatron's inference context)
+        runner = model.generation_runner()
+    else:
+        runner = LeanLlama(model) if LeanLlama.supports(model) else HFRunner(model)
     ends = EndStrings(tok, list(sp.end_strings or []))
     results: list[list[Any]] = [[None] * num_samples for _ in prompts]
     # Sorting by length keeps padding small; it cannot change a response (each row has its own RNG).

@@ -61,6 +61,22 @@ def _backend(name: str):
         raise ValueError(f"model.backend={name!r} is not available here ({e})") from e
 
 
-def load_policy(path: str | Path, backend: str = "hf", dtype: torch.dtype = torch.float32) -> Policy:
-    """Load a checkpoint directory; bad or missing files raise harness.io.DataError naming the path."""
-    return _backend(backend).load(path, dtype=dtype)
+def load_policy(path: str | Path, backend: str = "hf", dtype: torch.dtype | None = None) -> Policy:
+    """Load a checkpoint directory or a .nemo archive onto the current device (harness.parallel: CPU, fp32 unless
+    set up otherwise); bad or missing files raise harness.io.DataError naming the path."""
+    from harness import parallel
+    from harness.models import nemo
+
+    place = parallel.current()
+    dtype = dtype or place.dtype
+    if backend == "hf" and nemo.is_nemo(path):  # NeMo's layout, converted to a transformers Llama
+        from harness.models import convert
+
+        full, spec, tokenizer, config = nemo.read(path)
+        model = convert.build_hf(spec, convert.mcore_to_hf(full, spec), tokenizer, dtype)
+        policy = Policy(model=model, tokenizer=tokenizer, config=config, backend="hf")
+    else:
+        policy = _backend(backend).load(path, dtype=dtype)
+    if backend == "hf" and place.device.type != "cpu":
+        policy.model.to(place.device)
+    return policy
