@@ -123,9 +123,8 @@ def _dp():
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return None, 0, 1
-    from megatron.core import parallel_state as ps
-
-    if ps.model_parallel_is_initialized():
+    ps = sys.modules.get("megatron.core.parallel_state")  # set up only by the mcore backend; never imported here
+    if ps is not None and ps.model_parallel_is_initialized():
         group = ps.get_data_parallel_group()
         return group, dist.get_rank(group), dist.get_world_size(group)
     return None, dist.get_rank(), dist.get_world_size()

@@ -67,6 +67,7 @@ def build_gpt(spec: K.GPTSpec, place: P.Placement, rows: int):
         get_gpt_layer_with_transformer_engine_spec,
     )
     from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -92,9 +93,16 @@ def build_gpt(spec: K.GPTSpec, place: P.Placement, rows: int):
     else:
         layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     padded = -(-rows // tp) * tp  # VocabParallelEmbedding needs rows divisible by the TP size
-    return GPTModel(config, layer, vocab_size=padded, max_sequence_length=spec.max_position_embeddings,
-                    position_embedding_type="rope", rotary_base=spec.rotary_base,
-                    share_embeddings_and_output_weights=spec.share_embeddings_and_output_weights).to(place.device), te
+    gpt = GPTModel(config, layer, vocab_size=padded, max_sequence_length=spec.max_position_embeddings,
+                   position_embedding_type="rope", rotary_base=spec.rotary_base,
+                   share_embeddings_and_output_weights=spec.share_embeddings_and_output_weights).to(place.device)
+    # megatron marks TP-sharded weights only while initialising them; the grad-norm (ours and its optimizer's)
+    # counts a weight without the mark once per TP group, so mark them here.
+    for name, p in gpt.named_parameters():
+        rule = _tp_rule(name)
+        if not hasattr(p, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(p, rule is not None, 0 if rule in (0, "glu") else 1, 1)
+    return gpt, te
 
 
 # ----------------------------------------------------------------------------------------------------- the wrapper
