@@ -188,3 +188,14 @@ def test_restore_from_path_nemo_runs_the_generate_stage(src, tmp_path):
     out = run_generate(cfg, Layout(tmp_path / "runs"), 0)
     assert out["generate/responses"] == 4
     assert (tmp_path / "runs/iter0/responses.jsonl").is_file()
+
+
+def test_export_nemo_command(src, tmp_path):
+    """`harness export-nemo SRC OUT` on an hf checkpoint directory, read back with the mcore backend."""
+    from harness.cli import main
+
+    ph, _ = src
+    ph.save(tmp_path / "ckpt", {"seed": 5})
+    assert main(["export-nemo", str(tmp_path / "ckpt"), str(tmp_path / "out.nemo"), "-c", "none",
+                 "model.backend=mcore"]) == 0
+    assert (logits(load_policy(tmp_path / "out.nemo", backend="mcore")) - logits(ph)).abs().max() < 1e-5
