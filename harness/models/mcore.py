@@ -11,7 +11,9 @@ installed the TE spec is used. The wrapper `MCoreLM` takes the calling conventio
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +39,21 @@ def cpu_workarounds() -> None:
     torch.cuda.synchronize = lambda *args, **kwargs: None
 
 
+@contextlib.contextmanager
+def quiet():
+    """megatron-core warns, on import and per config, that Apex/TE are absent and that its default CUDA-graph scope is
+    deprecated: expected on a CPU machine, and noise in every stage's log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed", category=UserWarning)
+        warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
+        yield
+
+
 def init_parallel(place: P.Placement) -> None:
     """torch.distributed, megatron's parallel state (tensor-parallel size) and RNG tracker; once per process."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    with quiet():
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     on_cpu = place.device.type == "cpu"
     if on_cpu:
@@ -61,6 +74,11 @@ def use_te(place: P.Placement) -> bool:
 
 def build_gpt(spec: K.GPTSpec, place: P.Placement, rows: int):
     """An empty (uninitialised) GPTModel for `spec` on place.device; `rows` = embedding rows before TP padding."""
+    with quiet():
+        return _build_gpt(spec, place, rows)
+
+
+def _build_gpt(spec: K.GPTSpec, place: P.Placement, rows: int):
     import torch.nn.functional as F
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
