@@ -84,3 +84,22 @@ def test_tensor_parallel_2_equals_one_process(launched):
     for k, v in ref.model.state_dict().items():
         if k in tp["weights"]:
             assert (tp["weights"][k] - v).abs().max() < 1e-6, k
+
+
+def test_devices_2_relaunches_under_torchrun_and_only_rank_0_writes(tmp_path):
+    """`harness prepare trainer.devices=2` restarts itself as 2 torchrun processes; rank 1's writes are discarded, so
+    the outputs equal a one-process run's, byte for byte."""
+    from harness.io import tree_hash
+    from tests.conftest import env, run
+
+    cmd = [sys.executable, "-m", "harness.cli", "prepare", "-c", "experiments/smoke.yaml",
+           "world.num_ift=8", "world.num_eft=4", "world.num_mft=2", "world.num_test=4"]
+    e = {**env(), "PYTHONPATH": str(ROOT), "HARNESS_NUM_THREADS": "1"}
+    two = run([*cmd, "--root", str(tmp_path / "two"), "trainer.devices=2"], ROOT, env=e)
+    assert two.stdout.count("'world_files'") == 2  # both ranks ran the stage and printed its summary
+    run([*cmd, "--root", str(tmp_path / "one")], ROOT, env=e)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*")
+                                     if p.is_file())
+    assert tree_hash(tmp_path / "one") == tree_hash(tmp_path / "two")
+    assert not list((tmp_path / "two").rglob("*.tmp"))
