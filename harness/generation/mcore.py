@@ -18,7 +18,14 @@ class MCoreRunner:
     def _call(self, ids: torch.Tensor, q_cols: slice) -> torch.Tensor:
         """Logits [B, V] of the last of `ids` [B, t], written at columns q_cols of the cache."""
         blocked = ~(self.valid[:, None, None, : q_cols.stop] & self.causal[None, None, q_cols, : q_cols.stop])
-        logits = self.lm.logits(ids, self.rope, blocked, context=self.ctx, last_only=True)[:, -1].float()
+        # With the Transformer Engine spec, megatron drops the mask in decode steps of an eval-mode model (a batch of
+        # equal-length prompts needs none); in train mode (TE >= 2.2) it keeps it, and dropout is 0 here.
+        was_training = self.lm.gpt.training
+        self.lm.gpt.train(self.lm.te)
+        try:
+            logits = self.lm.logits(ids, self.rope, blocked, context=self.ctx, last_only=True)[:, -1].float()
+        finally:
+            self.lm.gpt.train(was_training)
         self.ctx.increment_sequence_len_offset(ids.shape[1])
         return logits
 

@@ -142,24 +142,30 @@ def _tp_rule(key: str):
     return "glu" if key.endswith("linear_fc1.weight") else None
 
 
-def _drop_extra_state(module, state_dict, prefix, local_metadata) -> None:
-    """state_dict keeps `_extra_state` (None for local layers, TE's FP8 metadata); safetensors holds tensors only."""
-    for k in [k for k in state_dict if k.endswith("_extra_state")]:
-        del state_dict[k]
-
-
 class MCoreLM(torch.nn.Module):
     """GPTModel with the Hugging Face calling convention: model(input_ids, attention_mask, position_ids).logits.
 
     attention_mask: None (causal), [B, T] (1 = token, 0 = padding) or [B, 1, T, T] (additive float, 0 = attend, or
     bool, True = attend), as transformers takes it; position_ids drive the rotary embedding per token, so packed rows
     with restarted positions (train.pack_pairs) and left-padded prompts work. Logits are [B, T, vocab_size].
+
+    state_dict() / load_state_dict() speak the full weights under tensor-parallel-size-independent names (gathered
+    over the TP group: a collective call), so resume states, resume keys and checkpoints are the same on every rank
+    and for every TP size.
     """
 
     def __init__(self, gpt, spec: K.GPTSpec, te: bool = False):
         super().__init__()
         self.gpt, self.spec, self.te = gpt, spec, te
-        self._register_state_dict_hook(_drop_extra_state)
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        return self.full_state_dict()
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        self.load_full_state_dict(state_dict)  # any missing or unknown weight raises
+        return _IncompatibleKeys([], [])
 
     def rope(self, positions: torch.Tensor) -> torch.Tensor:
         """Rotary embedding [T, B, 1, D] for per-token positions [B, T], from megatron's own frequencies."""
