@@ -38,7 +38,7 @@ def cmd_config_keys(args) -> int:
 
 def _setup(args) -> tuple[C.Config, object]:
     from harness import determinism, parallel
-    from harness.stages import Layout
+    from harness.layout import Layout, log_dir
 
     cfg = load_config(args)
     if parallel.needs_launch(cfg):  # trainer.devices > 1 outside torchrun: run this command under torchrun
@@ -46,7 +46,7 @@ def _setup(args) -> tuple[C.Config, object]:
     determinism.set_threads()
     determinism.seed_everything(cfg.seed)
     parallel.setup(cfg)
-    return cfg, Layout(Path(args.root or cfg.exp_manager.explicit_log_dir or "runs"))
+    return cfg, Layout(Path(args.root) if args.root else log_dir(cfg))
 
 
 def _iteration(cfg: C.Config, t: int, *, sft: bool = False) -> int:
@@ -84,6 +84,7 @@ def cmd_sft(args) -> int:
         if tr:
             tr.log_history(history)
             tr.log_metrics(summary, step=0)
+            _tag_resume(tr, history)
     print(summary)
     return 0
 
@@ -105,6 +106,7 @@ def cmd_sft_baseline(args) -> int:
         if tr:
             tr.log_metrics({f"sft_baseline/{k.split('/')[-1]}": v for k, v in {**summary, **metrics}.items()},
                            parent=True)
+            _tag_resume(tr, history)
     print({**summary, **metrics})
     return 0
 
@@ -125,6 +127,7 @@ def _stage(name: str):
                 write_json(lay.it(t) / "train_metrics.json", metrics)
                 if tr:
                     tr.log_history(history)
+                    _tag_resume(tr, history)
             elif name == "evaluate":
                 from harness.evaluate import run_evaluate
 
@@ -143,6 +146,13 @@ def _stage(name: str):
         return 0
 
     return cmd
+
+
+def _tag_resume(tr, history) -> None:
+    """A resumed training stage says so in MLflow too (train.History already said it on stderr)."""
+    note = getattr(history, "resume_note", None)
+    if note:
+        tr.set_tags({"harness.resumed": note})
 
 
 def _log_pairs_table(tr, path: Path, n: int = 32) -> None:

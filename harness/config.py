@@ -47,7 +47,7 @@ class SelfRewardingTrainer:
 
 @dataclass
 class Trainer:
-    precision: str = "32"  # "32" (fp32) or bf16 (bf16 weights, fp32 master weights); fp32 keeps CPU reruns bit-identical
+    precision: str = "32"  # "32" (fp32) or bf16 (bf16 compute over fp32 weights); fp32 keeps CPU reruns bit-identical
     devices: int = 1  # processes per node (torchrun --nproc_per_node): data parallel x tensor parallel
     num_nodes: int = 1
     accelerator: str = "auto"  # auto (cuda when present) | cpu | gpu
@@ -245,6 +245,7 @@ LAUNCHER_ONLY = (
     "model.data.*_ds.pin_memory", "model.data.*_ds.micro_batch_size", "model.data.*_ds.global_batch_size",
     "model.data.*_ds.output_original_text",
 )
+PRECISIONS = ("32", "bf16", "bf16-mixed")  # bf16*: bf16 compute over fp32 weights (models.base.Policy.autocast)
 PREFERENCE_LOSSES = ("dpo", "scale", "rpo_bwd_kl", "rpo_fwd_kl", "ipo", "rpo_sq")
 SCHEDULES = ("model.spin.ref_policy_kl_penalty", "model.spin.length_control")
 
@@ -474,8 +475,10 @@ def validate(cfg: Config) -> None:
     _check(sr.gradient_clip_val >= 0, "trainer.self_rewarding.gradient_clip_val: must be >= 0")
     _check(not sr.trt_llm.enable, "trainer.self_rewarding.trt_llm.enable: TensorRT-LLM is not installable from PyPI; "
            "set it to false (see README: GPU backends)")
-    _check(cfg.trainer.precision in ("32", "bf16", "bf16-mixed"),
-           f"trainer.precision: one of 32, bf16, bf16-mixed, got {cfg.trainer.precision!r}")
+    _check(cfg.trainer.precision in PRECISIONS,
+           f"trainer.precision: one of {', '.join(PRECISIONS)}, got {cfg.trainer.precision!r}"
+           + (" (fp16 needs a loss scaler, which this harness does not build: use bf16)"
+              if cfg.trainer.precision in ("16", "16-mixed") else ""))
     _check(cfg.trainer.devices >= 1, f"trainer.devices: must be >= 1, got {cfg.trainer.devices}")
     _check(cfg.trainer.num_nodes >= 1, f"trainer.num_nodes: must be >= 1, got {cfg.trainer.num_nodes}")
     _check(cfg.trainer.accelerator in ("auto", "cpu", "gpu", "cuda"),
@@ -573,6 +576,12 @@ def schedule(value: float | list[float], iteration: int) -> float:
             raise ConfigError(f"iteration {iteration}: the per-iteration list {value} has no value for it")
         return float(value[iteration])
     return float(value)
+
+
+def seq_len(cfg: Config, ds: Dataset) -> int:
+    """Max tokens of a training or validation sequence: the dataset's max_seq_length within the model's context
+    (model.encoder_seq_length); longer sequences lose the start of their prompt."""
+    return min(ds.max_seq_length, cfg.model.encoder_seq_length)
 
 
 def sft_average_log_probs(spin: Spin) -> bool:

@@ -17,16 +17,8 @@ from pathlib import Path
 from harness import config as C
 from harness.data import sft as S
 from harness.io import read_json, read_jsonl, write_json, write_jsonl
-from harness.stages import (
-    Layout,
-    _judge_prompt,
-    _load,
-    _render,
-    _use_world,
-    use_sft_baseline,
-    validation_examples,
-    validation_file,
-)
+from harness.layout import Layout, use_sft_baseline, use_world, validation_file
+from harness.stages import _judge_prompt, _load, _render, validation_examples
 
 
 def _greedy(cfg: C.Config) -> C.SamplingParams:
@@ -111,9 +103,9 @@ def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
     metrics: dict[str, float] = {"iteration": t}
     val = validation_examples(cfg, lay, policy)
     if val:
-        enc = [encode(policy.tokenizer, p, r, cfg.model.data.validation_ds.max_seq_length) for p, r in val]
+        enc = [encode(policy.tokenizer, p, r, C.seq_len(cfg, cfg.model.data.validation_ds)) for p, r in val]
         metrics["eval/val_loss"] = _val_sft(policy, enc, cfg)()["val/loss"]
-    if _use_world(cfg):
+    if use_world(cfg):
         answers = _test_answers(cfg, policy, lay, t)
         write_jsonl(lay.it(t) / "eval_answers.jsonl", answers)
         scores = [a["oracle_score"] for a in answers]

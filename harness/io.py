@@ -29,6 +29,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             yield Path(scratch) / path.name
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed earlier
         _rmtree(stale)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / path.name
@@ -37,8 +38,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if tmp.is_dir():
             _fsync_tree(tmp)
             if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                _rmtree(old)
+                # A directory cannot be renamed over a non-empty one: move the old one aside first. A crash between
+                # the two renames leaves only the backup, which recover() puts back before the next read or write.
+                old = _backup(path)
                 os.replace(path, old)
                 os.replace(tmp, path)
                 _rmtree(old)
@@ -50,6 +52,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync_dir(path.parent)
     finally:
         _rmtree(tmp.parent)
+
+
+def _backup(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def recover(path: str | Path) -> bool:
+    """Finish a directory replace that a crash cut between its two renames: when `path` is missing and its backup
+    `.<name>.old` exists, the backup (the last complete version) is put back. True when something was recovered.
+    A backup beside an existing `path` is the leftover of a replace that completed: removed."""
+    path = Path(path)
+    old = _backup(path)
+    if not old.exists():
+        return False
+    if path.exists():
+        _rmtree(old)
+        return False
+    os.replace(old, path)
+    return True
 
 
 def _rmtree(p: Path) -> None:
@@ -100,6 +121,7 @@ def write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
 def read_jsonl(path: str | Path) -> list[Any]:
     """Every line a JSON value; blank lines skipped; errors name the file and the 1-based line."""
     path = Path(path)
+    recover(path.parent)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
@@ -120,6 +142,7 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     path = Path(path)
+    recover(path.parent)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:

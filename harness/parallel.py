@@ -22,15 +22,13 @@ import torch
 
 from harness import config as C
 
-DTYPES = {"32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16}  # trainer.precision
-
 
 @dataclass(frozen=True)
 class Placement:
-    """Device and dtype of the model, tensor-parallel size, seed of megatron's RNG tracker."""
+    """Device of the model, tensor-parallel size, seed of megatron's RNG tracker. (Weights are fp32 everywhere;
+    trainer.precision=bf16 is compute under autocast: models.base.Policy.autocast.)"""
 
     device: torch.device = torch.device("cpu")
-    dtype: torch.dtype = torch.float32
     tensor_parallel: int = 1
     seed: int = 0
 
@@ -64,7 +62,7 @@ def resolve(cfg: C.Config) -> Placement:
         raise C.ConfigError(f"trainer.devices x trainer.num_nodes = {want}, but torchrun started {world_size()} "
                             "processes: set them to match the launch")
     tp = cfg.model.tensor_model_parallel_size
-    return Placement(device=device, dtype=DTYPES[tr.precision], tensor_parallel=tp, seed=cfg.seed)
+    return Placement(device=device, tensor_parallel=tp, seed=cfg.seed)
 
 
 def setup(cfg: C.Config) -> Placement:
@@ -154,26 +152,23 @@ def all_sum(values: dict[str, float]) -> dict[str, float]:
 
 
 class Optimizer:
-    """torch AdamW with what data/tensor parallelism and low-precision weights need around it.
+    """torch AdamW with what data and tensor parallelism need around it.
 
     Gradients are summed over data-parallel ranks in one flat all-reduce; the clipping norm counts every weight once
-    (tensor-parallel shards summed over their group, replicated weights once). With bf16 weights the optimizer
-    updates fp32 master copies and writes them back rounded (NeMo's bf16 with fp32 main params).
+    (tensor-parallel shards summed over their group, replicated weights once). With one process it is exactly
+    torch.optim.AdamW + torch.nn.utils.clip_grad_norm_, so CPU runs are unchanged.
     """
 
     def __init__(self, model: torch.nn.Module, **adamw):
-        self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.mixed = any(p.dtype != torch.float32 for p in self.params)
-        self.master = [p.detach().float().clone() for p in self.params] if self.mixed else self.params
-        self.inner = torch.optim.AdamW(self.master, **adamw)
+        self.inner = torch.optim.AdamW(self.params, **adamw)
 
     @property
     def param_groups(self):
         return self.inner.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.model.zero_grad(set_to_none=set_to_none)
+        self.inner.zero_grad(set_to_none=set_to_none)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Sum gradients over data-parallel ranks, clip them as torch.nn.utils.clip_grad_norm_ does, return the norm."""
@@ -187,52 +182,37 @@ class Optimizer:
             dist.all_reduce(flat, group=group)
             for p, g in zip(self.params, _unflatten_dense_tensors(flat, grads)):
                 p.grad = g
-        if self.mixed:
-            for p, m in zip(self.params, self.master):
-                m.grad = None if p.grad is None else p.grad.float()
         if current().tensor_parallel == 1:
-            return torch.nn.utils.clip_grad_norm_(self.master, max_norm)
-        norm = _tp_norm(self.params, self.master)
+            return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        norm = _tp_norm(self.params)
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for m in self.master:
-            if m.grad is not None:
-                m.grad.mul_(coef)
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
         return norm
 
     def step(self) -> None:
         self.inner.step()
-        if self.mixed:
-            with torch.no_grad():
-                for p, m in zip(self.params, self.master):
-                    p.copy_(m)
 
     def state_dict(self) -> dict:
-        if not self.mixed:
-            return self.inner.state_dict()  # what torch.optim.AdamW alone saved: old resume states still load
-        return {"optimizer": self.inner.state_dict(), "master": [m.detach() for m in self.master]}
+        return self.inner.state_dict()  # what torch.optim.AdamW alone saved: resume states stay compatible
 
     def load_state_dict(self, state: dict) -> None:
-        if not self.mixed:
-            self.inner.load_state_dict(state)
-            return
-        self.inner.load_state_dict(state["optimizer"])
-        with torch.no_grad():  # the fp32 master weights: resuming from the rounded bf16 ones would drift
-            for m, saved in zip(self.master, state["master"]):
-                m.copy_(saved)
+        self.inner.load_state_dict(state)
 
 
-def _tp_norm(params: list, master: list) -> torch.Tensor:
+def _tp_norm(params: list) -> torch.Tensor:
     """L2 norm of the gradients over the whole model: tensor-parallel shards summed over the TP group (megatron marks
     them `tensor_model_parallel`), weights replicated on every TP rank counted once."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    grads = [(p, m.grad) for p, m in zip(params, master) if m.grad is not None]
+    grads = [(p, p.grad) for p in params if p.grad is not None]
     sharded = sum((g.float().pow(2).sum() for p, g in grads if getattr(p, "tensor_model_parallel", False)),
                   torch.zeros(()))
     replicated = sum((g.float().pow(2).sum() for p, g in grads if not getattr(p, "tensor_model_parallel", False)),
                      torch.zeros(()))
-    sharded = sharded.to(master[0].device)
+    sharded = sharded.to(params[0].device)
     dist.all_reduce(sharded, group=ps.get_tensor_model_parallel_group())
     return (sharded + replicated.to(sharded.device)).sqrt()
 

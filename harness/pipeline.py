@@ -17,7 +17,7 @@ import yaml
 from harness import config as C
 
 _MODEL = ["seed", "model.backend", "trainer.precision", "trainer.accelerator", "model.tensor_model_parallel_size",
-          "model.data.prompt_format", "model.data.chat_prompt_tokens"]
+          "model.encoder_seq_length", "model.data.prompt_format", "model.data.chat_prompt_tokens"]
 _GEN = ["model.spin.sampling_params", "model.spin.length_params", "model.spin.rollout_micro_batch_size"]
 _JUDGE = ["model.spin.judge_template", "model.spin.llm_judge_prompt", "model.spin.judge_score_low",
           "model.spin.judge_score_high", "model.spin.judge_reward_regex"]
@@ -49,8 +49,8 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "report": ["trainer.self_rewarding.max_iterations", "model.spin.first_iteration_sft", "model.spin.use_meta_judge"],
 }
 
-_BASE_CODE = ["harness/config.py", "harness/io.py", "harness/determinism.py", "harness/stages.py", "harness/cli.py",
-              "harness/data/sft.py", "harness/parallel.py"]
+_BASE_CODE = ["harness/config.py", "harness/io.py", "harness/determinism.py", "harness/layout.py", "harness/stages.py",
+              "harness/cli.py", "harness/data/sft.py", "harness/parallel.py"]
 _MODEL_CODE = ["harness/models", "harness/generation"]
 STAGE_CODE: dict[str, list[str]] = {
     "prepare": ["harness/data/world.py", "harness/models", "harness/judging/templates.py"],
@@ -91,43 +91,54 @@ def _stage(cmd: str, stage: str, deps: list[str], outs: list[str], metrics: list
 
 def dvc_yaml(cfg: C.Config) -> dict:
     """The pipeline graph: prepare -> sft -> per iteration (generate, judge, meta_judge, pairs, train, evaluate)
-    -> report. DVC's foreach cannot chain items, so each item names its previous model explicitly."""
+    -> report. DVC's foreach cannot chain items, so each item names its previous model explicitly. Every data file
+    a stage reads (harness.layout.data_files: the task world, or the user's jsonl files) is one of its deps."""
+    from harness import layout as L
+
     n = cfg.trainer.self_rewarding.max_iterations
     sft = cfg.model.spin.first_iteration_sft
     first = 1 if sft else 0
     tiny = cfg.pretrained_checkpoint.restore_from_path is None
-    r = cfg.exp_manager.explicit_log_dir or "runs"
-    stages: dict = {
-        "prepare": _stage(f"harness prepare --root {r}", "prepare", [], [f"{r}/world", *([f"{r}/base"] if tiny else [])]),
-    }
-    base = f"{r}/base/model" if tiny else cfg.pretrained_checkpoint.restore_from_path
+    r = str(L.log_dir(cfg))
+    lay = L.Layout(Path(r))
+
+    def data(stage: str, t: int | None = None) -> list[str]:
+        return [str(p) for p in L.data_files(cfg, lay, stage, t)]
+
+    stages: dict = {}
+    made = [*([f"{r}/world"] if L.use_world(cfg) else []), *([f"{r}/base"] if tiny else [])]
+    if made:  # a user checkpoint on user data needs no prepare stage
+        stages["prepare"] = _stage(f"harness prepare --root {r}", "prepare", [], made)
+    base = str(L.initial_model(cfg, lay))
     if sft:
-        stages["sft"] = _stage(f"harness sft --root {r}", "sft", [base, f"{r}/world"],
+        stages["sft"] = _stage(f"harness sft --root {r}", "sft", [base, *data("sft")],
                                [f"{r}/iter0/model", f"{r}/iter0/train_history.jsonl"], [f"{r}/iter0/train_metrics.json"])
     # the papers' SFT baseline (IFT only): a second reference for win rates (task world only)
-    baseline = sft and tiny and cfg.model.data.train_ds.file_path is None and cfg.model.sft.baseline
+    baseline = L.use_sft_baseline(cfg)
     base_answers = [f"{r}/sft_baseline/eval_answers.jsonl"] if baseline else []
     if baseline:
         stages["sft_baseline"] = _stage(
-            f"harness sft_baseline --root {r}", "sft_baseline", [base, f"{r}/world"],
+            f"harness sft_baseline --root {r}", "sft_baseline", [base, *data("sft_baseline")],
             [f"{r}/sft_baseline/model", f"{r}/sft_baseline/train_history.jsonl", *base_answers],
             [f"{r}/sft_baseline/train_metrics.json", f"{r}/sft_baseline/eval.json"])
+    m1_answers = [f"{r}/iter0/eval_answers.jsonl"] if sft else []
     if sft:
         stages["evaluate_sft"] = _stage(f"harness evaluate --root {r} --iteration 0", "evaluate",
-                                        [f"{r}/iter0/model", f"{r}/world", *base_answers],
+                                        [f"{r}/iter0/model", *data("evaluate"), *base_answers],
                                         [f"{r}/iter0/eval_answers.jsonl"], [f"{r}/iter0/eval.json"])
     # a dict (not a list) so DVC names the stages generate@1, generate@2, ... after the iteration
-    items = {str(t): {"it": t, "prev": f"{r}/iter{t - 1}/model" if t > 0 else base} for t in range(first, n)}
+    items = {str(t): {"it": t, "prev": str(L.model_before(cfg, lay, t)), "prompts": data("generate", t)[0]}
+             for t in range(first, n)}
     it, d = "${item.it}", f"{r}/iter${{item.it}}"
     per_iter = {
-        "generate": (["${item.prev}", f"{r}/world"], [f"{d}/responses.jsonl"], [f"{d}/generate_metrics.json"]),
+        "generate": (["${item.prev}", "${item.prompts}"], [f"{d}/responses.jsonl"], [f"{d}/generate_metrics.json"]),
         "judge": (["${item.prev}", f"{d}/responses.jsonl"], [f"{d}/judged.jsonl"], [f"{d}/judge_metrics.json"]),
         "meta_judge": (["${item.prev}", f"{d}/judged.jsonl"], [f"{d}/judge_pairs.jsonl"],
                        [f"{d}/meta_judge_metrics.json"]),
         "pairs": ([f"{d}/judged.jsonl", f"{d}/judge_pairs.jsonl"], [f"{d}/pairs.jsonl"], [f"{d}/pairs_metrics.json"]),
-        "train": (["${item.prev}", f"{d}/pairs.jsonl", f"{d}/pairs_metrics.json", f"{r}/world"],
+        "train": (["${item.prev}", f"{d}/pairs.jsonl", f"{d}/pairs_metrics.json", *data("train")],
                   [f"{d}/model", f"{d}/train_history.jsonl"], [f"{d}/train_metrics.json"]),
-        "evaluate": ([f"{d}/model", f"{r}/world", *([f"{r}/iter0/eval_answers.jsonl"] if sft else []), *base_answers],
+        "evaluate": ([f"{d}/model", *data("evaluate"), *m1_answers, *base_answers],
                      [f"{d}/eval_answers.jsonl"], [f"{d}/eval.json"]),
     }
     for name, (deps, outs, metrics) in per_iter.items():

@@ -7,78 +7,33 @@ atomically; a stage that fails writes nothing.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 from harness import config as C
 from harness.data import sft as S
-from harness.io import DataError, read_json, read_jsonl, write_json, write_jsonl
+from harness.io import read_json, read_jsonl, write_json, write_jsonl
+from harness.layout import (
+    Layout,
+    initial_model,
+    model_before,
+    prompts_file,
+    sft_files,
+    use_sft_baseline,
+    use_world,
+    validation_file,
+)
 from harness.pipeline import stage_config
 
-
-@dataclass(frozen=True)
-class Layout:
-    root: Path = Path("runs")
-
-    @property
-    def world(self) -> Path:
-        return self.root / "world"
-
-    @property
-    def base_model(self) -> Path:
-        return self.root / "base" / "model"
-
-    @property
-    def baseline(self) -> Path:
-        return self.root / "sft_baseline"  # the papers' "SFT baseline": IFT data only
-
-    def it(self, t: int) -> Path:
-        return self.root / f"iter{t}"
-
-    def model(self, t: int) -> Path:
-        return self.it(t) / "model"
-
-    def resume(self, t: int) -> Path:
-        # Not a DVC output (DVC deletes outputs before a stage runs): survives a crash so the stage can resume.
-        return self.root / "resume" / f"iter{t}"
-
-
-def initial_model(cfg: C.Config, lay: Layout) -> Path:
-    return Path(cfg.pretrained_checkpoint.restore_from_path or lay.base_model)
-
-
-def model_before(cfg: C.Config, lay: Layout, t: int) -> Path:
-    """M_t, the model that iteration t starts from (generates, judges and is the reference)."""
-    return initial_model(cfg, lay) if t == 0 else lay.model(t - 1)
-
-
-def _use_world(cfg: C.Config) -> bool:
-    return cfg.pretrained_checkpoint.restore_from_path is None and cfg.model.data.train_ds.file_path is None
-
-
-def use_sft_baseline(cfg: C.Config) -> bool:
-    """The IFT-only SFT baseline: task world, SFT iteration, and model.sft.baseline."""
-    return _use_world(cfg) and cfg.model.spin.first_iteration_sft and cfg.model.sft.baseline
-
-
-def prompts_file(cfg: C.Config, lay: Layout, t: int) -> Path:
-    fp = cfg.model.data.train_ds.file_path
-    if fp is None:
-        return lay.world / f"prompts_{t}.jsonl"
-    return Path(fp[t] if isinstance(fp, list) else fp)
-
-
-def validation_file(cfg: C.Config, lay: Layout) -> Path | None:
-    fp = cfg.model.data.validation_ds.file_path
-    if fp is not None:
-        return Path(fp)
-    return lay.world / "validation.jsonl" if _use_world(cfg) else None
+__all__ = ["Layout", "initial_model", "model_before", "prompts_file", "use_sft_baseline", "use_world",
+           "validation_file"]  # re-exported: the paths live in harness.layout
 
 
 def _load(cfg: C.Config, path: Path):
     from harness.models.base import load_policy
 
-    return load_policy(path, backend=cfg.model.backend)
+    policy = load_policy(path, backend=cfg.model.backend)
+    policy.precision = cfg.trainer.precision
+    return policy
 
 
 def _render(cfg: C.Config, policy, rec_or_turns) -> str:
@@ -98,12 +53,13 @@ def prepare(cfg: C.Config, lay: Layout) -> dict:
 
     out = {}
     spin = cfg.model.spin
-    if _use_world(cfg):
+    if use_world(cfg):
         from harness.data.world import build_world
+        from harness.io import atomic_path
 
-        n_iter = cfg.trainer.self_rewarding.max_iterations
-        paths = build_world(cfg.world, cfg.seed, lambda p, r: judge_text(p, r, spin), lay.world, n_iter,
-                            lambda p, r, a, b: meta_judge_text(p, r, a, b, spin))
+        with atomic_path(lay.world) as tmp:  # the whole world or none of it
+            paths = build_world(cfg.world, cfg.seed, lambda p, r: judge_text(p, r, spin), tmp,
+                                C.self_rewarding_iterations(cfg), lambda p, r, a, b: meta_judge_text(p, r, a, b, spin))
         out["world_files"] = len(paths)
     if cfg.pretrained_checkpoint.restore_from_path is None:
         from harness.data.world import world_texts
@@ -123,18 +79,11 @@ def prepare(cfg: C.Config, lay: Layout) -> dict:
 # ----------------------------------------------------------------------------------------------------- sft (iteration 0)
 def sft_examples(cfg: C.Config, lay: Layout, policy, only: str | None = None
                  ) -> tuple[list[tuple[str, str]], dict]:
-    """(prompt, answer) pairs of iteration 0: gold answers (IFT), judge-training targets (EFT) and, in the task
-    world, meta-judge targets (MFT)."""
-    d = cfg.model.data
-    ift = Path(d.sft_ds.file_path) if d.sft_ds.file_path else (lay.world / "ift.jsonl" if _use_world(cfg) else None)
-    eft = Path(d.judge_train_ds.file_path) if d.judge_train_ds.file_path else (
-        lay.world / "eft.jsonl" if _use_world(cfg) else None)
-    if ift is None and eft is None:
-        raise DataError("first_iteration_sft needs model.data.sft_ds.file_path or model.data.judge_train_ds.file_path")
+    """(prompt, answer) pairs of iteration 0 from layout.sft_files: gold answers (IFT), judge-training targets (EFT)
+    and, in the task world, meta-judge targets (MFT). Rows without an answer (prompt-only rows) are skipped."""
     examples, counts = [], {}
-    mft = lay.world / "mft.jsonl" if _use_world(cfg) and not d.judge_train_ds.file_path else None
-    for name, path in (("ift", ift), ("eft", eft), ("mft", mft)):
-        if path is None or (name == "mft" and not path.exists()) or (only and name != only):
+    for name, path in sft_files(cfg, lay).items():
+        if only and name != only:
             continue
         rows = [r for r in S.read_sft(path) if S.gold_response(r) is not None]
         examples += [(_render(cfg, policy, r), S.gold_response(r)) for r in rows]
@@ -170,7 +119,7 @@ def run_sft(cfg: C.Config, lay: Layout, *, baseline: bool = False) -> tuple[dict
 
     policy = _load(cfg, initial_model(cfg, lay))
     examples, counts = sft_examples(cfg, lay, policy, only="ift" if baseline else None)
-    resume = lay.root / "resume" / "sft_baseline" if baseline else lay.resume(0)
+    resume = lay.resume("sft_baseline" if baseline else 0)
     out, stage = (lay.baseline / "model", "sft_baseline") if baseline else (lay.model(0), "sft")
     history = train_sft(policy, examples, cfg, validation=validation_examples(cfg, lay, policy), iteration=0,
                         resume_dir=resume)
@@ -229,8 +178,7 @@ def run_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
     k, failed, total = 0, 0, 0
     for row in rows:
         for r in row["responses"]:
-            agg = aggregate([o["text"] for o in outs[k]], spin.judge_score_low, spin.judge_score_high,
-                            spin.judge_reward_regex)
+            agg = aggregate(outs[k], spin.judge_score_low, spin.judge_score_high, spin.judge_reward_regex)
             r.update(agg)
             failed, total, k = failed + agg["num_failed"], total + len(outs[k]), k + 1
     write_jsonl(lay.it(t) / "judged.jsonl", rows)
@@ -265,7 +213,7 @@ def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
             continue
         resp = row["responses"][idx]
         js = resp["judgements"]
-        pairs = M.judgement_pairs(js)
+        pairs = M.judgement_pairs(js, spin.judge_reward_regex)
         plan[row["id"]] = (idx, pairs)
         for i, j in pairs:
             a, b = strip_score(js[i]["text"], spin.judge_reward_regex), strip_score(js[j]["text"], spin.judge_reward_regex)
@@ -277,8 +225,7 @@ def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
                     length_params=spin.length_params, seed_parts=[(cfg.seed, t, "meta", *k) for k in keys],
                     batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"meta-judge iter {t}")
     verdicts = {k: parse_winner(o[0]["text"], spin.meta_judge_reward_regex) for k, o in zip(keys, outs)}
-    # NeMo-Aligner's cap: samples per epoch / (score range)^2 per chosen-judgement score class
-    cap = max(1.0, len(rows) / (spin.judge_score_high - spin.judge_score_low) ** 2)
+    cap = M.quota_cap(len(rows), spin.judge_score_low, spin.judge_score_high)  # the iteration's prompts = its epoch
     quota = M.ScoreQuota(spin.judge_score_low, spin.judge_score_high, spin.meta_max_relative_pcnt, cap)
     judge_pairs, stats = [], {"meta/prompts": len(plan), "meta/battles": 0, "meta/unparsed_verdicts": 0,
                               "meta/bad_samples": 0, "meta/quota_rejected": 0}
@@ -295,7 +242,7 @@ def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
             else:
                 battles[(i, j)] = res
         stats["meta/battles"] += len(battles)
-        sel = M.select_judge_pair(js, M.elo_scores(len(js), battles)) if battles else None
+        sel = M.select_judge_pair(js, M.elo_scores(len(js), battles), spin.judge_reward_regex) if battles else None
         if sel is None:
             stats["meta/bad_samples"] += 1
             continue

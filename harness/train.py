@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import random
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,22 +165,47 @@ def _load_state(path: Path, model, opt) -> tuple[int, list, dict[str, torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------------- the loop
+class History(list):
+    """The metric rows of one training stage, and how much of it this process computed.
+
+    resumed_from: the optimizer step restored from a resume state (None: started at step 0); steps_computed: the
+    optimizer steps run here; total_steps: the stage's steps in all.
+    """
+
+    def __init__(self, rows=(), *, resumed_from: int | None = None, steps_computed: int = 0, total_steps: int = 0,
+                 resume_dir: Path | None = None):
+        super().__init__(rows)
+        self.resumed_from, self.steps_computed, self.total_steps = resumed_from, steps_computed, total_steps
+        self.resume_dir = resume_dir
+
+    @property
+    def resume_note(self) -> str | None:
+        """'resumed from step k of n (<resume dir>)', or None for a stage that started from step 0."""
+        if self.resumed_from is None:
+            return None
+        return f"resumed from step {self.resumed_from} of {self.total_steps} ({self.resume_dir})"
+
+
 def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, epochs: int, iteration: int,
          shuffle: bool, resume_dir: Path | None, val_fn: Callable | None, extra_state: dict | None = None,
-         phase: str = "train", max_steps: int = -1, keep_batches: bool = False, key: str = "") -> list[dict]:
-    """Optimizer steps over global batches of item indices; returns one metrics dict per step (+ val entries)."""
+         phase: str = "train", max_steps: int = -1, keep_batches: bool = False, key: str = "") -> History:
+    """Optimizer steps over global batches of item indices; returns one metrics dict per step (+ val entries).
+
+    With resume_dir, the state (weights, optimizer, history, extra tensors) is saved every save_interval steps under
+    `key`; a rerun with the same key continues from the last save point, announced on stderr."""
     model, m, sr = policy.model, cfg.model, cfg.trainer.self_rewarding
     gbs, mbs = m.global_batch_size, m.micro_batch_size
     steps_per_epoch = max(1, math.ceil(math.ceil(n_items / gbs) * sr.limit_train_batches))
     total = epochs * steps_per_epoch if max_steps == -1 else min(max_steps, epochs * steps_per_epoch)
     val_every = max(1, round(total * sr.val_check_interval)) if sr.val_check_interval < 1 else int(sr.val_check_interval)
     opt = P.optimizer(model, lr=lr, betas=tuple(m.optim.betas), eps=m.optim.eps, weight_decay=m.optim.weight_decay)
-    start, history = 0, []
-    if resume_dir is not None and (resume_dir / "state.json").exists() and (
-            read_json(resume_dir / "state.json").get("key") == key):  # else: written for other inputs, ignored
+    start, history, resumed = 0, [], None
+    if resume_dir is not None and _saved_key(resume_dir) == key:  # else: written for other inputs, ignored
         start, history, saved = _load_state(resume_dir, model, opt)
         if extra_state is not None:
             extra_state.update(saved)
+        resumed = start
+        print(f"harness: {phase}: resumed from step {start} of {total} ({resume_dir})", file=sys.stderr, flush=True)
     model.train()
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
@@ -200,15 +226,16 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
         sums: dict[str, float] = {}
         mine = P.shard(batch)  # this data-parallel rank's part of the global batch (all of it with one rank)
         for i in range(0, len(mine), mbs):
-            loss, metrics = step_fn(mine[i:i + mbs], len(batch))
+            with policy.autocast():  # forward only: backward follows the forward's dtypes
+                loss, metrics = step_fn(mine[i:i + mbs], len(batch))
             loss.backward()
-            for key, v in metrics.items():
-                sums[key] = sums.get(key, 0.0) + v
+            for name, v in metrics.items():
+                sums[name] = sums.get(name, 0.0) + v
         clip = sr.gradient_clip_val if sr.gradient_clip_val > 0 else float("inf")
         grad_norm = opt.clip_grad_norm_(clip)  # gradients summed over data-parallel ranks first
         opt.step()
         row = {"step": step + 1, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
-        row.update({key: v / len(batch) for key, v in P.all_sum(sums).items()})
+        row.update({name: v / len(batch) for name, v in P.all_sum(sums).items()})
         history.append(row)
         if val_fn is not None and ((step + 1) % val_every == 0 or step + 1 == total):
             model.eval()
@@ -217,16 +244,27 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
         if resume_dir is not None and (step + 1) % sr.save_interval == 0 and step + 1 < total:
             _save_state(resume_dir, model, opt, step + 1, history, extra_state or {}, key)
     model.eval()
-    return history
+    return History(history, resumed_from=resumed, steps_computed=total - start, total_steps=total,
+                   resume_dir=resume_dir)
+
+
+def _saved_key(resume_dir: Path) -> str | None:
+    from harness.io import recover
+
+    recover(resume_dir)  # a crash between the two renames of a directory replace left only its backup
+    try:
+        return read_json(resume_dir / "state.json").get("key")
+    except (DataError, AttributeError):
+        return None  # missing or unreadable: no usable state, start over
 
 
 def _val_sft(policy, val: list[Encoded], cfg: C.Config) -> Callable:
     """Mean token NLL of gold answers on the validation set: val/loss."""
-    n = max(1, math.ceil(len(val) * cfg.trainer.self_rewarding.limit_val_batches)) if val else 0
+    n = math.ceil(len(val) * cfg.trainer.self_rewarding.limit_val_batches)  # limit_val_batches=0: no validation
 
     def fn() -> dict:
         tot, cnt = 0.0, 0.0
-        with torch.inference_mode():
+        with torch.inference_mode(), policy.autocast():
             for i in range(0, n, cfg.model.micro_batch_size * 2):
                 ids, attn, mask = collate(val[i:i + cfg.model.micro_batch_size * 2], policy.tokenizer.pad_token_id)
                 nll = sft_loss(_logits(policy.model, ids, attn), ids, mask, average=False)
@@ -238,11 +276,11 @@ def _val_sft(policy, val: list[Encoded], cfg: C.Config) -> Callable:
 
 
 def train_sft(policy, examples: list[tuple[str, str]], cfg: C.Config, *, validation: list[tuple[str, str]] = (),
-              iteration: int = 0, resume_dir: Path | None = None) -> list[dict]:
+              iteration: int = 0, resume_dir: Path | None = None) -> History:
     """Iteration 0: NLL of (prompt, response) examples (gold answers and judge targets), token-averaged per batch."""
-    max_len = cfg.model.data.sft_ds.max_seq_length
+    max_len = C.seq_len(cfg, cfg.model.data.sft_ds)
     enc = [encode(policy.tokenizer, p, r, max_len) for p, r in examples]
-    val = [encode(policy.tokenizer, p, r, cfg.model.data.validation_ds.max_seq_length) for p, r in validation]
+    val = [encode(policy.tokenizer, p, r, C.seq_len(cfg, cfg.model.data.validation_ds)) for p, r in validation]
     pad = policy.tokenizer.pad_token_id
 
     def step_fn(idx: list[int], batch_size: int):
@@ -262,7 +300,7 @@ def reference_logps(policy, ch: list[Encoded], rj: list[Encoded], average: bool,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of chosen and rejected responses under the policy as it is now (the reference M_t)."""
     out_c, out_r = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), policy.autocast():
         for i in range(0, len(ch), batch):
             c, r, *_ = pair_logps(policy.model, ch[i:i + batch], rj[i:i + batch], policy.tokenizer.pad_token_id,
                                   average)
@@ -271,9 +309,20 @@ def reference_logps(policy, ch: list[Encoded], rj: list[Encoded], average: bool,
     return (torch.cat(out_c), torch.cat(out_r)) if out_c else (torch.zeros(0), torch.zeros(0))
 
 
-def resume_key(*parts) -> str:
-    """What a resume state belongs to: a state written for other inputs (a crash, then a changed param) is ignored."""
+def code_version() -> str:
+    """A hash of the code that trains (this module and the losses): state written by other code is not reused."""
+    from harness import losses
+
     h = hashlib.sha256()
+    for mod in (sys.modules[__name__], losses):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def resume_key(*parts) -> str:
+    """What a resume state belongs to: a state written for other inputs (a crash, then a changed param) or by other
+    training code is ignored."""
+    h = hashlib.sha256(code_version().encode())
     for p in parts:
         if isinstance(p, torch.nn.Module):
             for name, t in sorted(p.state_dict().items()):
@@ -289,19 +338,19 @@ def ref_cache_path(resume_dir: Path) -> Path:
 
 
 def train_dpo(policy, pairs: list[dict], cfg: C.Config, *, iteration: int, validation: list[tuple[str, str]] = (),
-              resume_dir: Path | None = None) -> list[dict]:
+              resume_dir: Path | None = None) -> History:
     """One self-rewarding iteration: preference loss on {prompt, chosen, rejected, chosen_score, rejected_score}.
 
     The reference is the policy as loaded (M_t); its log-probs are computed once and cached on disk next to the
     resume state, so no second model is ever in memory and a resumed stage does not recompute them.
     """
-    spin, max_len = cfg.model.spin, cfg.model.data.train_ds.max_seq_length
+    spin, max_len = cfg.model.spin, C.seq_len(cfg, cfg.model.data.train_ds)
     beta = C.schedule(spin.ref_policy_kl_penalty, iteration)
     avg, sft_avg = spin.preference_average_log_probs, C.sft_average_log_probs(spin)
     tok, pad = policy.tokenizer, policy.tokenizer.pad_token_id
     ch = [encode(tok, p["prompt"], p["chosen"], max_len) for p in pairs]
     rj = [encode(tok, p["prompt"], p["rejected"], max_len) for p in pairs]
-    val = [encode(tok, p, r, cfg.model.data.validation_ds.max_seq_length) for p, r in validation]
+    val = [encode(tok, p, r, C.seq_len(cfg, cfg.model.data.validation_ds)) for p, r in validation]
     key = resume_key(pairs, C.to_dict(cfg), iteration, policy.model)
     state: dict[str, torch.Tensor] = {}
     cache = ref_cache_path(resume_dir) if resume_dir is not None else None

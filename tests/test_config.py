@@ -120,8 +120,8 @@ BAD = [
      r"must divide trainer.devices x trainer.num_nodes \(3\)"),
     (["model.pipeline_model_parallel_size=2"], "pipeline_model_parallel_size: must be 1"),
     (["trainer.accelerator=tpu"], "trainer.accelerator: one of auto, cpu, gpu"),
-    (["trainer.precision=16"], "trainer.precision: one of 32, bf16, bf16-mixed"),
     (["trainer.devices=0"], "trainer.devices: must be >= 1"),
+    (["trainer.precision=16"], "trainer.precision: one of 32, bf16, bf16-mixed.*fp16 needs a loss scaler"),
 ]
 
 
@@ -185,3 +185,14 @@ def test_overrides_may_follow_options(capsys):
     assert "seed: 3" in out and "lr: 0.5" in out
     with pytest.raises(SystemExit):
         main(["config", "show", "-c", "none", "--bogus"])
+
+
+def test_log_dir_follows_exp_manager():
+    from pathlib import Path
+
+    from harness.layout import log_dir
+
+    assert log_dir(C.Config()) == Path("runs")
+    assert log_dir(C.load(None, ["exp_manager.exp_dir=/exp", "exp_manager.name=sr"], warn=None)) == Path("/exp/sr")
+    both = ["exp_manager.exp_dir=/exp", "exp_manager.explicit_log_dir=/results"]
+    assert log_dir(C.load(None, both, warn=None)) == Path("/results")  # NeMo: explicit_log_dir wins

@@ -126,3 +126,51 @@ def test_sigkill_during_write_leaves_no_partial_file(tmp_path):
     leftovers = [p for p in tmp_path.iterdir() if p.name != out.name]
     # ... and the only trace is a hidden temp dir that a later write of the same file cleans up
     assert all(p.name.startswith(".big.jsonl.") for p in leftovers)
+
+
+def _replace_killed_between_renames(target, tmp_path):
+    """A child process replaces directory `target` and is SIGKILLed right after the first rename (old -> backup)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os, signal
+        from harness import io
+        real = os.replace
+        def replace(src, dst):
+            real(src, dst)
+            if str(dst).endswith(".old"):
+                os.kill(os.getpid(), signal.SIGKILL)
+        io.os.replace = replace
+        with io.atomic_path({str(target)!r}) as tmp:
+            tmp.mkdir()
+            (tmp / "a.json").write_text('{{"v": 2}}')
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True)
+    assert p.returncode == -9, p.stderr
+
+
+def test_directory_replace_killed_between_renames_is_recovered_on_read(tmp_path):
+    from harness.io import read_json, write_json
+
+    target = tmp_path / "model"
+    write_json(target / "a.json", {"v": 1})
+    _replace_killed_between_renames(target, tmp_path)
+    assert not target.exists() and (tmp_path / ".model.old").is_dir()  # the crash window
+    assert read_json(target / "a.json") == {"v": 1}  # the last complete version is back
+    assert not (tmp_path / ".model.old").exists()
+
+
+def test_directory_replace_killed_between_renames_is_recovered_on_write(tmp_path):
+    from harness.io import atomic_path, read_json, write_json
+
+    target = tmp_path / "model"
+    write_json(target / "a.json", {"v": 1})
+    (target / "b.json").write_text("{}")
+    _replace_killed_between_renames(target, tmp_path)
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "a.json").write_text('{"v": 3}')
+    assert read_json(target / "a.json") == {"v": 3} and not (target / "b.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -15,6 +15,7 @@ from harness.judging.meta import (
     select_judge_pair,
     select_response_for_meta,
 )
+from harness.judging.parse import DEFAULT_SCORE_REGEX
 
 
 def J(text, score):
@@ -47,7 +48,7 @@ def test_judgement_pairs_skip_identical_and_unparseable():
         J("no verdict", None),
         J("Fine.\nScore: 3", 3.0),
     ]
-    assert judgement_pairs(judgements) == [(0, 2), (0, 4), (1, 2), (1, 4), (2, 4)]
+    assert judgement_pairs(judgements, DEFAULT_SCORE_REGEX) == [(0, 2), (0, 4), (1, 2), (1, 4), (2, 4)]
 
 
 @pytest.mark.parametrize("ab,ba,expected", [
@@ -71,7 +72,7 @@ def test_elo_transitive_order_and_pair_selection():
     assert elos[1] == pytest.approx(1000.0, abs=1e-3)  # the fit is centred: the middle one stays at 1000
     assert all(abs(e) < 1e5 for e in elos)  # separable data stays finite
     judgements = [J("best", 4.0), J("mid", 3.0), J("worst", 1.0)]
-    assert select_judge_pair(judgements, elos) == (0, 2)
+    assert select_judge_pair(judgements, elos, DEFAULT_SCORE_REGEX) == (0, 2)
     # the same result however the battles are keyed or inserted
     assert elo_scores(3, {(2, 1): 0.0, (1, 0): 0.0, (2, 0): 0.0}) == elos
     assert elo_scores(3, dict(reversed(list(battles.items())))) == elos
@@ -97,16 +98,16 @@ def test_elo_keyed_by_pair_a_dropped_battle_does_not_shift_others():
     # with the battle present as a tie, the picture is the same
     assert elo_scores(4, {**full, (1, 2): 0.5}) == pytest.approx(elos, abs=1e-3)
     judgements = [J("a", 5.0), J("b", 4.0), J("c", 3.0), J("d", 1.0)]
-    assert select_judge_pair(judgements, elos) == (0, 3)
+    assert select_judge_pair(judgements, elos, DEFAULT_SCORE_REGEX) == (0, 3)
 
 
 def test_elo_no_battles_or_only_ties():
     assert elo_scores(3, {}) == [1000.0, 1000.0, 1000.0]
     ties = elo_scores(3, {(0, 1): 0.5, (1, 2): 0.5, (0, 2): 0.5})
     assert ties == [1000.0, 1000.0, 1000.0]
-    assert select_judge_pair([J("a", 4.0), J("b", 3.0), J("c", 2.0)], ties) is None  # bad sample
+    assert select_judge_pair([J("a", 4.0), J("b", 3.0), J("c", 2.0)], ties, DEFAULT_SCORE_REGEX) is None  # bad sample
     cycle = elo_scores(3, {(0, 1): 1.0, (1, 2): 1.0, (0, 2): 0.0})  # rock-paper-scissors: no winner
-    assert select_judge_pair([J("a", 4.0), J("b", 3.0), J("c", 2.0)], cycle) is None
+    assert select_judge_pair([J("a", 4.0), J("b", 3.0), J("c", 2.0)], cycle, DEFAULT_SCORE_REGEX) is None
 
 
 def test_elo_rejects_bad_battles():
@@ -118,13 +119,13 @@ def test_elo_rejects_bad_battles():
 
 def test_select_judge_pair_bad_samples():
     elos = [1500.0, 1000.0, 500.0]
-    assert select_judge_pair([J("a", 4.0), J("b", 3.0), J("c", 2.0)], elos) == (0, 2)
-    assert select_judge_pair([J("a", 4.0), J("b", 3.0), J("c", 4.0)], elos) is None  # equal scores
-    assert select_judge_pair([J("a", 4.0), J("b", 3.0), J("c", None)], elos) is None  # score missing
+    assert select_judge_pair([J("a", 4.0), J("b", 3.0), J("c", 2.0)], elos, DEFAULT_SCORE_REGEX) == (0, 2)
+    assert select_judge_pair([J("a", 4.0), J("b", 3.0), J("c", 4.0)], elos, DEFAULT_SCORE_REGEX) is None  # equal scores
+    assert select_judge_pair([J("a", 4.0), J("b", 3.0), J("c", None)], elos, DEFAULT_SCORE_REGEX) is None  # score missing
     same = [J("Same.\nScore: 4", 4.0), J("b", 3.0), J("Same.\nScore: 2", 2.0)]
-    assert select_judge_pair(same, elos) is None  # identical texts once scores are stripped
-    assert select_judge_pair([J("a", 4.0), J("b", 3.0), J("c", 2.0)], [1500.0, 1500.0, 500.0]) is None  # argmax tie
-    assert select_judge_pair([J("a", 4.0), J("b", 3.0), J("c", 2.0)], [1500.0, 500.0, 500.0]) is None  # argmin tie
+    assert select_judge_pair(same, elos, DEFAULT_SCORE_REGEX) is None  # identical texts once scores are stripped
+    assert select_judge_pair([J("a", 4.0), J("b", 3.0), J("c", 2.0)], [1500.0, 1500.0, 500.0], DEFAULT_SCORE_REGEX) is None  # argmax tie
+    assert select_judge_pair([J("a", 4.0), J("b", 3.0), J("c", 2.0)], [1500.0, 500.0, 500.0], DEFAULT_SCORE_REGEX) is None  # argmin tie
 
 
 def test_score_quota_sequence_and_state_round_trip():
@@ -148,5 +149,33 @@ def test_score_quota_share_bound():
     assert q.state_dict()["counts"]["4.5"] == 2
 
 
-def test_quota_cap_is_nemo_formula():
-    assert quota_cap(10, 64, 0, 5) == pytest.approx(640 / 25)
+def _accepted_per_class(num_prompts: int) -> int:
+    """Judge pairs a score class takes in an iteration of num_prompts, as run_meta_judge builds the quota."""
+    q = ScoreQuota(0, 5, max_relative_pcnt=1.0, cap=quota_cap(num_prompts, 0, 5))
+    return sum(q.accept(4) for _ in range(100))
+
+
+@pytest.mark.parametrize("prompts,nemo_cap,taken", [(8, 0, 1), (25, 1, 1), (26, 1, 1), (64, 2, 1), (100, 4, 3),
+                                                    (1000, 40, 39)])
+def test_one_quota_rule_nemos_at_any_prompt_count(prompts, nemo_cap, taken):
+    """NeMo: a class is taken while counts[s] (starting at 1) < int(samples / (high - low)^2), i.e. int(...) - 1
+    pairs. Below 50 prompts that is none at all: the floor keeps one pair per class, and from 50 prompts up the
+    count is exactly NeMo's."""
+    assert int(prompts / 25) == nemo_cap
+    assert _accepted_per_class(prompts) == taken
+    if nemo_cap >= 2:
+        assert taken == nemo_cap - 1
+
+
+def test_judgements_that_did_not_end_never_battle():
+    judgements = [{"text": "full reason. Score: 4", "score": 4.0, "is_end": True},
+                  {"text": "cut off reason. Score: 1", "score": 1.0, "is_end": False},
+                  {"text": "other reason. Score: 2", "score": 2.0, "is_end": True}]
+    assert judgement_pairs(judgements, DEFAULT_SCORE_REGEX) == [(0, 2)]
+
+
+def test_judgement_pairs_strip_with_the_configured_regex():
+    """'Rating: N' judgements that differ only in the rating are one text to the meta-judge, not a pair."""
+    judgements = [J("Fine answer. Rating: 4", 4.0), J("Fine answer. Rating: 2", 2.0)]
+    assert judgement_pairs(judgements, "Rating: {{ reward }}") == []
+    assert select_judge_pair(judgements, [1500.0, 500.0], "Rating: {{ reward }}") is None

@@ -39,7 +39,32 @@ def test_iterations_follow_max_iterations():
     cfg = C.load(None, ["trainer.self_rewarding.max_iterations=2", "pretrained_checkpoint.restore_from_path=/m"],
                  warn=None)
     d = pipeline.dvc_yaml(cfg)
-    assert "sft" not in d["stages"] and d["stages"]["generate"]["foreach"]["0"] == {"it": 0, "prev": "/m"}
+    assert "sft" not in d["stages"]
+    assert d["stages"]["generate"]["foreach"]["0"] == {"it": 0, "prev": "/m", "prompts": "runs/world"}
+
+
+def test_every_user_data_file_is_a_dependency_of_the_stages_that_read_it():
+    cfg = C.load(None, ["trainer.self_rewarding.max_iterations=3", "model.spin.first_iteration_sft=true",
+                        "pretrained_checkpoint.restore_from_path=/m", "model.data.train_ds.file_path=[/p0,/p1,/p2]",
+                        "model.data.validation_ds.file_path=/val", "model.data.judge_train_ds.file_path=/eft"],
+                 warn=None)
+    st = pipeline.dvc_yaml(cfg)["stages"]
+    assert "prepare" not in st  # nothing to make: no world, no tiny model (it listed runs/world as an output)
+    assert {"/m", "/p0", "/eft", "/val"} <= set(st["sft"]["deps"])  # IFT defaults to iteration 0's train_ds file
+    items = st["generate"]["foreach"]
+    assert [items[k]["prompts"] for k in ("1", "2")] == ["/p1", "/p2"]
+    assert "${item.prompts}" in st["generate"]["do"]["deps"]
+    assert "/val" in st["train"]["do"]["deps"] and "/val" in st["evaluate"]["do"]["deps"]
+    assert not any("runs/world" in dep for s in st.values() for dep in s.get("deps", s.get("do", {}).get("deps", [])))
+
+
+def test_user_checkpoint_on_the_task_world_and_exp_dir():
+    cfg = C.load(None, ["pretrained_checkpoint.restore_from_path=/m", "exp_manager.exp_dir=/exp",
+                        "exp_manager.name=trial"], warn=None)
+    st = pipeline.dvc_yaml(cfg)["stages"]
+    assert st["prepare"]["outs"] == ["/exp/trial/world"]  # the world, no tiny model
+    assert st["generate"]["foreach"]["0"]["prompts"] == "/exp/trial/world"
+    assert st["report"]["cmd"] == "harness report --root /exp/trial --out /exp/trial/report"
 
 
 def test_stage_config_is_the_subset_the_stage_reads():

@@ -206,3 +206,157 @@ def test_resume_state_of_other_inputs_is_ignored(tok, tmp_path, monkeypatch):
     assert [r["step"] for r in h if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
     for (n, a), b in zip(fresh.model.state_dict().items(), after_crash.model.state_dict().values()):
         assert torch.equal(a, b), n
+
+
+class _StepCounter:
+    """Counts optimizer steps through torch's global step hook: independent of what the loop reports."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __enter__(self):
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.handle = register_optimizer_step_post_hook(lambda *a: setattr(self, "n", self.n + 1))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _record_batches(monkeypatch) -> list:
+    """The chosen token ids of every training micro-batch (the data order), in call order."""
+    seen, real = [], T.pair_logps
+
+    def spy(model, ch, rj, *a, **k):
+        if torch.is_grad_enabled():  # training; the reference pass runs under inference_mode
+            seen.append([c.ids for c in ch])
+        return real(model, ch, rj, *a, **k)
+
+    monkeypatch.setattr(T, "pair_logps", spy)
+    return seen
+
+
+def _state(d):
+    from safetensors.torch import load_file
+
+    opt = torch.load(d / "optimizer.pt", weights_only=True)
+    return json.loads((d / "state.json").read_text()), load_file(str(d / "model.safetensors")), opt
+
+
+def test_killed_run_recomputes_only_the_steps_after_its_save_point(tok, tmp_path, monkeypatch, capsys):
+    """6 steps, save points at 2 and 4, killed right after the save at step 2: the rerun computes steps 3..6 only
+    (4 optimizer steps, counted by torch's step hook), on the batches the uninterrupted run used at steps 3..6, and
+    its state at the step-4 save point (weights, Adam moments, history) equals the uninterrupted run's."""
+    c = cfg("trainer.self_rewarding.save_interval=2", "trainer.self_rewarding.max_epochs=2")
+    batches = _record_batches(monkeypatch)
+    with _StepCounter() as full:
+        ref = build_tiny(SMALL, tok, seed=5)
+        T.train_dpo(ref, PAIRS, c, iteration=1, resume_dir=tmp_path / "ref")  # its last save point: step 4
+    assert full.n == 6 and len(batches) == 12  # 2 micro-batches per step
+    ref_batches = list(batches)
+    real_save = T._save_state
+
+    def crash(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt("killed after the step-2 save point")
+
+    monkeypatch.setattr(T, "_save_state", crash)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_dpo(build_tiny(SMALL, tok, seed=5), PAIRS, c, iteration=1, resume_dir=tmp_path / "run")
+    monkeypatch.setattr(T, "_save_state", real_save)
+    batches.clear()
+    capsys.readouterr()
+    with _StepCounter() as rerun:
+        resumed = build_tiny(SMALL, tok, seed=5)
+        h = T.train_dpo(resumed, PAIRS, c, iteration=1, resume_dir=tmp_path / "run")
+    assert rerun.n == 4 and h.steps_computed == 4 and h.resumed_from == 2 and h.total_steps == 6
+    assert batches == ref_batches[4:]  # the data order continues where it stopped
+    note = f"resumed from step 2 of 6 ({tmp_path / 'run'})"
+    assert h.resume_note == note and note in capsys.readouterr().err
+    (js, ws, opt), (js2, ws2, opt2) = _state(tmp_path / "ref"), _state(tmp_path / "run")
+    assert js["step"] == js2["step"] == 4 and js["history"] == js2["history"]
+    assert all(torch.equal(ws[k], ws2[k]) for k in ws)
+    for sa, sb in zip(opt["state"].values(), opt2["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    for (n, a), b in zip(ref.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_sft_resumes_too(tok, tmp_path, monkeypatch):
+    c = cfg("trainer.self_rewarding.save_interval=1", "model.sft.max_epochs=2")
+    examples = [(p["prompt"], p["chosen"]) for p in PAIRS]
+    _crash_after_saves = T._save_state
+
+    def crash(*a, **k):
+        _crash_after_saves(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "_save_state", crash)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_sft(build_tiny(SMALL, tok, seed=7), examples, c, resume_dir=tmp_path / "r")
+    monkeypatch.setattr(T, "_save_state", _crash_after_saves)
+    with _StepCounter() as rerun:
+        h = T.train_sft(build_tiny(SMALL, tok, seed=7), examples, c, resume_dir=tmp_path / "r")
+    assert (h.resumed_from, h.total_steps, rerun.n) == (1, 6, 5)
+
+
+def test_state_written_by_other_training_code_is_not_reused(tok, tmp_path, monkeypatch):
+    c = cfg("trainer.self_rewarding.save_interval=2")
+    monkeypatch.setattr(T, "code_version", lambda: "an older train.py")
+    _crash_at_first_save(tok, c, tmp_path / "resume", monkeypatch)
+    monkeypatch.undo()
+    with _StepCounter() as rerun:
+        h = T.train_dpo(build_tiny(SMALL, tok, seed=5), PAIRS, c, iteration=1, resume_dir=tmp_path / "resume")
+    assert rerun.n == 6 and h.resumed_from is None
+
+
+def test_limit_val_batches_zero_validates_nothing(tok):
+    policy = build_tiny(SMALL, tok, seed=8)
+    val = [(p["prompt"], p["chosen"]) for p in PAIRS]
+    h = T.train_dpo(policy, PAIRS[:4], cfg("trainer.self_rewarding.limit_val_batches=0",
+                                           "trainer.self_rewarding.val_check_interval=1"), iteration=1,
+                    validation=val)
+    assert h and not any("val/loss" in row for row in h)
+
+
+def test_bf16_precision_trains_and_generates_in_bf16(tok, monkeypatch):
+    """trainer.precision=bf16: every linear layer computes in bf16 in training and in generation; weights, gradients
+    and Adam states stay fp32 (master weights); the loss differs from fp32 by bf16 rounding only."""
+    from harness.config import LengthParams, SamplingParams
+    from harness.generation.sampler import generate
+
+    seen = []
+    p32, p16 = build_tiny(SMALL, tok, seed=9), build_tiny(SMALL, tok, seed=9)
+    p16.precision = "bf16"
+    for m in p16.model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda mod, i, out: seen.append(out.dtype))
+    h32 = T.train_dpo(p32, PAIRS[:4], cfg("trainer.self_rewarding.max_epochs=1"), iteration=1)
+    h16 = T.train_dpo(p16, PAIRS[:4], cfg("trainer.self_rewarding.max_epochs=1", "trainer.precision=bf16"),
+                      iteration=1)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in p16.model.parameters())
+    assert h16[0]["train/loss"] == pytest.approx(h32[0]["train/loss"], abs=0.02)
+    seen.clear()
+    real_linear = torch.nn.functional.linear  # the generation fast path calls F.linear on the weights directly
+
+    def linear(*a, **k):
+        out = real_linear(*a, **k)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
+    out = generate(p16, ["Sort these numbers: 1 3 2\n"], num_samples=2, sampling_params=SamplingParams(),
+                   length_params=LengthParams(max_length=5), seed_parts=[(1,)])
+    assert len(out[0]) == 2 and all(o["num_tokens"] >= 1 for o in out[0])
+    assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_encoder_seq_length_caps_the_training_sequences(tok):
+    """model.encoder_seq_length is the context: a 4-token context keeps at most 3 response tokens (+ 1 of prompt)."""
+    full = T.train_dpo(build_tiny(SMALL, tok, seed=10), PAIRS[:4], cfg("trainer.self_rewarding.max_epochs=1"),
+                       iteration=1)
+    cut = T.train_dpo(build_tiny(SMALL, tok, seed=10), PAIRS[:4],
+                      cfg("trainer.self_rewarding.max_epochs=1", "model.encoder_seq_length=4"), iteration=1)
+    assert full[0]["train/chosen_lengths"] > 3 and cut[0]["train/chosen_lengths"] == 3

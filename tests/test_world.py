@@ -148,18 +148,18 @@ SMALL = World(num_ift=40, num_eft=90, prompts_per_iteration=15, num_validation=1
 
 
 def test_build_world_is_byte_identical(tmp_path):
-    a = W.build_world(World(), 7, _judge_text, tmp_path / "a", num_iterations=3)
-    b = W.build_world(World(), 7, _judge_text, tmp_path / "b", num_iterations=3)
+    a = W.build_world(World(), 7, _judge_text, tmp_path / "a", iterations=[1, 2, 3])
+    b = W.build_world(World(), 7, _judge_text, tmp_path / "b", iterations=[1, 2, 3])
     assert sorted(a) == sorted(b) == sorted(["ift", "eft", "validation", "test", "judge_eval",
                                              "prompts_1", "prompts_2", "prompts_3"])
     assert tree_hash(tmp_path / "a") == tree_hash(tmp_path / "b")
-    W.build_world(World(), 8, _judge_text, tmp_path / "c", num_iterations=3)
+    W.build_world(World(), 8, _judge_text, tmp_path / "c", iterations=[1, 2, 3])
     assert tree_hash(tmp_path / "c") != tree_hash(tmp_path / "a")
 
 
 def test_build_world_ignores_hash_seed(tmp_path):
     code = ("import sys; from harness.config import World; from harness.data.world import build_world; "
-            "build_world(World(num_ift=30, num_eft=30), 3, lambda p, r: p + r, sys.argv[1], 2)")
+            "build_world(World(num_ift=30, num_eft=30), 3, lambda p, r: p + r, sys.argv[1], [1, 2])")
     for k, hash_seed in enumerate(("0", "12345")):
         subprocess.run([sys.executable, "-c", code, str(tmp_path / str(k))], check=True,
                        env={"PYTHONHASHSEED": hash_seed, "PATH": ""}, cwd=Path(__file__).parents[1])
@@ -168,7 +168,7 @@ def test_build_world_ignores_hash_seed(tmp_path):
 
 def test_build_world_splits(tmp_path):
     cfg = World()
-    paths = W.build_world(cfg, 1, _judge_text, tmp_path, num_iterations=2)
+    paths = W.build_world(cfg, 1, _judge_text, tmp_path, iterations=[1, 2])
     rows = {name: (read_jsonl(p) if name == "judge_eval" else sft.read_sft(p)) for name, p in paths.items()}
     assert {k: len(v) for k, v in rows.items() if k != "judge_eval"} == {
         "ift": cfg.num_ift, "eft": cfg.num_eft, "validation": cfg.num_validation, "test": cfg.num_test,
@@ -213,9 +213,9 @@ def test_build_world_splits(tmp_path):
 
 
 def test_eval_splits_do_not_move_when_training_splits_grow(tmp_path):
-    W.build_world(SMALL, 5, _judge_text, tmp_path / "a", num_iterations=1)
+    W.build_world(SMALL, 5, _judge_text, tmp_path / "a", iterations=[1])
     bigger = World(num_ift=80, num_eft=30, prompts_per_iteration=15, num_validation=10, num_test=20)
-    W.build_world(bigger, 5, _judge_text, tmp_path / "b", num_iterations=3)
+    W.build_world(bigger, 5, _judge_text, tmp_path / "b", iterations=[1, 2, 3])
     for name in ("test.jsonl", "validation.jsonl", "judge_eval.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
@@ -224,7 +224,7 @@ def test_world_texts_cover_every_character(tmp_path):
     texts = W.world_texts(200, 0)
     assert texts == W.world_texts(200, 0)
     chars = set("".join(texts))
-    paths = W.build_world(SMALL, 2, lambda p, r: f"{p}\n{r}", tmp_path, num_iterations=1)
+    paths = W.build_world(SMALL, 2, lambda p, r: f"{p}\n{r}", tmp_path, iterations=[1])
     for name, p in paths.items():
         rs = read_jsonl(p)
         values = ([r["prompt"] + r["response"] for r in rs] if name == "judge_eval"
@@ -238,8 +238,8 @@ def _meta_text(prompt, response, a, b):
 
 def test_mft_seed_true_judgement_wins_balanced_and_leaves_other_splits_alone(tmp_path):
     cfg = World(num_ift=40, num_eft=60, num_mft=60, prompts_per_iteration=15, num_validation=10, num_test=20)
-    with_mft = W.build_world(cfg, 5, _judge_text, tmp_path / "a", 2, _meta_text)
-    without = W.build_world(cfg, 5, _judge_text, tmp_path / "b", 2)
+    with_mft = W.build_world(cfg, 5, _judge_text, tmp_path / "a", [1, 2], _meta_text)
+    without = W.build_world(cfg, 5, _judge_text, tmp_path / "b", [1, 2])
     assert set(with_mft) - set(without) == {"mft"}
     for name in without:  # the meta-judge seed is drawn last: every other split is byte-identical
         assert tree_hash(with_mft[name]) == tree_hash(without[name]), name

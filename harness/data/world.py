@@ -1,6 +1,6 @@
 """The embedded default's synthetic task world: five instruction families, gold answers and a 0-5 oracle.
 
-    build_world(cfg.world, cfg.seed, judge_text_fn, "data/world", num_iterations=3)
+    build_world(cfg.world, cfg.seed, judge_text_fn, "data/world", iterations=[1, 2])
 
 A tiny Llama trained for minutes on CPU must learn both to answer and to judge, and the user must be able to see
 whether self-rewarding improved the policy and the judge. So prompts and answers are short, every task has a gold
@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -372,11 +372,12 @@ def meta_judgement_example(t: Task, i: int, rng: random.Random) -> tuple[str, st
 
 
 def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], str], out_dir: str | Path,
-                num_iterations: int, meta_judge_text_fn: Callable[[str, str, str, str], str] | None = None
+                iterations: Iterable[int], meta_judge_text_fn: Callable[[str, str, str, str], str] | None = None
                 ) -> dict[str, Path]:
     """Write the world's NeMo SFT jsonl splits (and judge_eval.jsonl) under out_dir; return {name: path}.
 
-    Names: ift, eft, prompts_1..prompts_T, validation, test, judge_eval, and mft (meta-judge seed) when
+    Names: ift, eft, prompts_<t> for each self-rewarding iteration t (config.self_rewarding_iterations), validation,
+    test, judge_eval, and mft (meta-judge seed) when
     meta_judge_text_fn is given and world_cfg.num_mft > 0. Same cfg + seed => byte-identical files.
     Splits are drawn evaluation-first, each from its own RNG, so growing ift or adding iterations leaves test,
     validation and judge_eval unchanged. No prompt text appears in two splits (nor twice in one).
@@ -416,7 +417,7 @@ def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], s
     rng.shuffle(rows)
     put("eft", rows)
 
-    for it in range(1, num_iterations + 1):
+    for it in iterations:
         put(f"prompts_{it}", _sft_rows(tasks(f"iter{it}", world_cfg.prompts_per_iteration), with_gold=False))
 
     # MFT (meta-judge seed): a tiny model never sees a meta-judge prompt otherwise, and never answers one.

@@ -192,7 +192,7 @@ class LeanLlama:
         rows = torch.arange(n, device=self.device)
 
         def write(cache, kv):
-            cache[rows, :, col] = kv[:, 0]
+            cache[rows, :, col] = kv[:, 0].to(cache.dtype)  # bf16 under autocast (trainer.precision=bf16)
 
         kv_len = int(col.max()) + 1
         kv_len = min(kv_len + -kv_len % KV_ALIGN, self.kc[0].shape[2])
@@ -341,6 +341,12 @@ def generate(policy, prompts: list[str], *, num_samples: int, sampling_params, l
     enc = [ids or ([bos] if bos is not None else []) for ids in enc]
     if any(not ids for ids in enc):
         raise ValueError("an empty prompt needs a tokenizer with a BOS token")
+    with policy.autocast():  # trainer.precision: bf16 compute when asked
+        return _generate(policy, prompts, enc, num_samples, sp, lp, seed_parts, batch_size, progress, desc)
+
+
+def _generate(policy, prompts, enc, num_samples, sp, lp, seed_parts, batch_size, progress, desc) -> list[list[dict]]:
+    tok = policy.tokenizer
     model = policy.model
     if hasattr(model, "generation_runner"):  # a backend with its own KV cache (mcore: megatron's inference context)
         runner = model.generation_runner()
@@ -393,7 +399,7 @@ def _generate_batch(runner, policy, enc, batch, seed_parts, sp, lp, ends: EndStr
     out: list[list[int]] = [[] for _ in range(B)]
     res: list[dict | None] = [None] * B
     for s in range(max_new):
-        lg = process_logits(logits, sp, presence, no_stop if s < min_len else None)
+        lg = process_logits(logits.float(), sp, presence, no_stop if s < min_len else None)  # bf16 under autocast
         tok = choose_tokens(lg, sp, None if u is None else u[live, s] if len(live) < B else u[:, s])
         for r, t in zip(live, tok.tolist()):
             if res[r] is not None:

@@ -11,23 +11,27 @@ from __future__ import annotations
 from harness.judging.parse import DEFAULT_SCORE_REGEX, parse_score
 
 
-def aggregate(judgement_texts: list[str], low: float, high: float, regex: str = DEFAULT_SCORE_REGEX) -> dict:
-    """{"judgements": [{"text", "score"}], "mean", "var", "num_valid", "num_failed"}.
+def aggregate(judgements: list[str | dict], low: float, high: float, regex: str = DEFAULT_SCORE_REGEX) -> dict:
+    """{"judgements": [{"text", "score", "is_end"}], "mean", "var", "num_valid", "num_failed"}.
 
+    judgements: the k judge outputs, each a text or a generation {"text", "is_end"}; is_end (the judgement ended
+    with EOS or an end string) is kept, as the meta-judge may only use ended judgements. A plain text counts as ended.
     mean: mean of the valid scores, None when there is none. var: population variance of the valid scores
     (divide by the number of valid scores), None when there is none, 0.0 with exactly one.
     """
-    judgements = [{"text": t, "score": parse_score(t, low, high, regex)} for t in judgement_texts]
-    scores = [j["score"] for j in judgements if j["score"] is not None]
+    outs = [{"text": j, "is_end": True} if isinstance(j, str) else j for j in judgements]
+    judged = [{"text": o["text"], "score": parse_score(o["text"], low, high, regex), "is_end": bool(o["is_end"])}
+              for o in outs]
+    scores = [j["score"] for j in judged if j["score"] is not None]
     mean = var = None
     if scores:
         # Plain left-to-right sums: the same floats on every machine, so pairs and Elo inputs are bit-identical.
         mean = sum(scores) / len(scores)
         var = sum((s - mean) ** 2 for s in scores) / len(scores)
     return {
-        "judgements": judgements,
+        "judgements": judged,
         "mean": mean,
         "var": var,
         "num_valid": len(scores),
-        "num_failed": len(judgements) - len(scores),
+        "num_failed": len(judged) - len(scores),
     }

@@ -1,10 +1,10 @@
 """Meta-Rewarding (arXiv 2407.19594): turn the judge's own judgements into judge-training pairs.
 
     i = select_response_for_meta(responses)                 # the response whose k judgements disagree most
-    pairs = judgement_pairs(responses[i]["judgements"])     # every pair of distinct valid judgements
+    pairs = judgement_pairs(responses[i]["judgements"], spin.judge_reward_regex)   # distinct valid ended judgements
     battles = {(a, b): battle_outcome(parse_winner(ab), parse_winner(ba)) for ...}   # meta-judge, both orders
     elos = elo_scores(k, {p: o for p, o in battles.items() if o is not None})
-    pick = select_judge_pair(judgements, elos)              # (chosen, rejected) judgement indices, or None
+    pick = select_judge_pair(judgements, elos, spin.judge_reward_regex)   # (chosen, rejected) indices, or None
     if pick and quota.accept(judgements[pick[0]]["score"]): keep the pair
 
 NeMo-Aligner's self-rewarding branch semantics, with its known defects fixed: battles are keyed by the judgement
@@ -19,7 +19,7 @@ import math
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from harness.judging.parse import DEFAULT_SCORE_REGEX, strip_score
+from harness.judging.parse import strip_score
 
 ELO_SCALE, ELO_INIT = 400.0, 1000.0
 ELO_TOL = 1e-3  # Elo points: closer than this counts as equal (the fit is numeric; a 3-cycle is a tie, not 1e-9 apart)
@@ -53,10 +53,13 @@ def select_response_for_meta(responses: list[dict]) -> int | None:
     return best
 
 
-def judgement_pairs(judgements: list[dict], regex: str = DEFAULT_SCORE_REGEX) -> list[tuple[int, int]]:
-    """All (i, j), i < j, of judgements with a valid score whose texts differ once the scores are stripped."""
+def judgement_pairs(judgements: list[dict], regex: str) -> list[tuple[int, int]]:
+    """All (i, j), i < j, of ended judgements with a valid score whose texts differ once the scores are stripped.
+
+    A judgement that did not end (is_end false: cut at max_length) never enters a battle, so it can be neither the
+    chosen nor the rejected judgement (NeMo-Aligner drops pairs with bad ends)."""
     texts = [strip_score(j["text"], regex) for j in judgements]
-    valid = [j.get("score") is not None for j in judgements]
+    valid = [j.get("score") is not None and j.get("is_end", True) for j in judgements]
     n = len(judgements)
     return [(i, j) for i in range(n) for j in range(i + 1, n) if valid[i] and valid[j] and texts[i] != texts[j]]
 
@@ -110,7 +113,7 @@ def elo_scores(n: int, battles: dict[tuple[int, int], float]) -> list[float]:
 
 
 def select_judge_pair(
-    judgements: list[dict], elos: list[float], regex: str = DEFAULT_SCORE_REGEX
+    judgements: list[dict], elos: list[float], regex: str
 ) -> tuple[int, int] | None:
     """(chosen, rejected) = (unique argmax Elo, unique argmin Elo), or None for a bad sample.
 
@@ -132,9 +135,14 @@ def select_judge_pair(
     return top[0], bottom[0]
 
 
-def quota_cap(num_steps_per_epoch: int, global_batch_size: int, low: float, high: float) -> float:
-    """NeMo's per-class cap: num_steps_per_epoch * global_batch_size / (high - low) ** 2."""
-    return num_steps_per_epoch * global_batch_size / (high - low) ** 2
+def quota_cap(num_samples: int, low: float, high: float) -> int:
+    """The per-class cap of ScoreQuota: NeMo-Aligner's int(samples per epoch / (high - low) ** 2), at least 2.
+
+    NeMo compares it with counts that start at 1, so a class takes cap - 1 judge pairs: 1 at 64 prompts on a 0-5
+    scale, 3 at 100. Below 50 prompts NeMo's int() gives 0 or 1, i.e. no judge pair at all; the floor of 2 keeps one
+    pair per class there, and changes nothing from 50 prompts up.
+    """
+    return max(2, int(num_samples / (high - low) ** 2))
 
 
 def _key(score: float) -> str:

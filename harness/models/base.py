@@ -6,6 +6,7 @@ BACKENDS and imported only when used (so `hf` users never import megatron and vi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ class Policy:
     tokenizer: Any
     config: dict = field(default_factory=dict)
     backend: str = "hf"
+    precision: str = "32"  # trainer.precision: "32", or "bf16"/"bf16-mixed" (bf16 compute, see autocast)
 
     @property
     def eos_token_id(self) -> int:
@@ -42,6 +44,17 @@ class Policy:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def autocast(self):
+        """The compute precision of every forward (training, reference, validation, generation).
+
+        bf16 and bf16-mixed: matmuls and attention in bf16 under torch.autocast, over fp32 weights, gradients and
+        Adam states (NeMo's megatron_amp_O2 keeps fp32 master weights too; pure bf16 weights would lose the small
+        updates of a 1e-6 learning rate). 32: plain fp32, bit-identical on CPU.
+        """
+        if self.precision == "32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def forward_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] for a right-padded batch (positions count from 0 in every row, as in training)."""
@@ -61,14 +74,14 @@ def _backend(name: str):
         raise ValueError(f"model.backend={name!r} is not available here ({e})") from e
 
 
-def load_policy(path: str | Path, backend: str = "hf", dtype: torch.dtype | None = None) -> Policy:
-    """Load a checkpoint directory or a .nemo archive onto the current device (harness.parallel: CPU, fp32 unless
-    set up otherwise); bad or missing files raise harness.io.DataError naming the path."""
+def load_policy(path: str | Path, backend: str = "hf", dtype: torch.dtype = torch.float32) -> Policy:
+    """Load a checkpoint directory or a .nemo archive onto the current device (harness.parallel: the CPU unless set
+    up otherwise); bad or missing files raise harness.io.DataError naming the path."""
     from harness import parallel
+    from harness.io import recover
     from harness.models import nemo
 
-    place = parallel.current()
-    dtype = dtype or place.dtype
+    recover(path)  # a crash in the middle of replacing this directory left only its backup
     if backend == "hf" and nemo.is_nemo(path):  # NeMo's layout, converted to a transformers Llama
         from harness.models import convert
 
@@ -77,6 +90,7 @@ def load_policy(path: str | Path, backend: str = "hf", dtype: torch.dtype | None
         policy = Policy(model=model, tokenizer=tokenizer, config=config, backend="hf")
     else:
         policy = _backend(backend).load(path, dtype=dtype)
-    if backend == "hf" and place.device.type != "cpu":
-        policy.model.to(place.device)
+    device = parallel.current().device
+    if backend == "hf" and device.type != "cpu":
+        policy.model.to(device)
     return policy

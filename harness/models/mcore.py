@@ -72,13 +72,13 @@ def use_te(place: P.Placement) -> bool:
     return place.device.type == "cuda" and importlib.util.find_spec("transformer_engine") is not None
 
 
-def build_gpt(spec: K.GPTSpec, place: P.Placement, rows: int):
+def build_gpt(spec: K.GPTSpec, place: P.Placement, rows: int, dtype: torch.dtype = torch.float32):
     """An empty (uninitialised) GPTModel for `spec` on place.device; `rows` = embedding rows before TP padding."""
     with quiet():
-        return _build_gpt(spec, place, rows)
+        return _build_gpt(spec, place, rows, dtype)
 
 
-def _build_gpt(spec: K.GPTSpec, place: P.Placement, rows: int):
+def _build_gpt(spec: K.GPTSpec, place: P.Placement, rows: int, dtype: torch.dtype):
     import torch.nn.functional as F
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -100,7 +100,7 @@ def _build_gpt(spec: K.GPTSpec, place: P.Placement, rows: int):
         kv_channels=spec.kv_channels, normalization="RMSNorm", layernorm_epsilon=spec.layernorm_epsilon,
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0,
         attention_dropout=0.0, tensor_model_parallel_size=tp,
-        params_dtype=place.dtype, bf16=place.dtype == torch.bfloat16, deterministic_mode=True,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, deterministic_mode=True,
         use_cpu_initialization=place.device.type == "cpu", perform_initialization=False,  # weights are loaded next
         bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False)
@@ -275,34 +275,33 @@ class MCoreLM(torch.nn.Module):
 
 # ----------------------------------------------------------------------------------------------------- load / save
 def from_full(full: dict[str, torch.Tensor], spec: K.GPTSpec, tokenizer, config: dict,
-              place: P.Placement | None = None) -> Policy:
-    """A Policy from full mcore weights (rows of the embedding may exceed spec.vocab_size: padding)."""
-    place = place or P.current()
-    gpt, te = build_gpt(spec, place, full["embedding.word_embeddings.weight"].shape[0])
+              dtype: torch.dtype = torch.float32) -> Policy:
+    """A Policy from full mcore weights (rows of the embedding may exceed spec.vocab_size: padding), on the current
+    device (harness.parallel) with its tensor-parallel size."""
+    gpt, te = build_gpt(spec, P.current(), full["embedding.word_embeddings.weight"].shape[0], dtype)
     lm = MCoreLM(gpt, spec, te)
-    lm.load_full_state_dict({k: v.to(place.dtype) for k, v in full.items()})
+    lm.load_full_state_dict({k: v.to(dtype) for k, v in full.items()})
     lm.eval()
     return Policy(model=lm, tokenizer=tokenizer, config=config, backend="mcore")
 
 
-def from_hf(policy: Policy, place: P.Placement | None = None) -> Policy:
-    """The mcore twin of an hf Policy (same weights, converted)."""
+def from_hf(policy: Policy) -> Policy:
+    """The mcore twin of an hf Policy (same weights, converted; same dtype and precision)."""
     spec = K.spec_from_hf(policy.model.config)
     full = K.hf_to_mcore(policy.model.state_dict(), spec)
-    return from_full(full, spec, policy.tokenizer, policy.config, place)
+    out = from_full(full, spec, policy.tokenizer, policy.config, next(policy.model.parameters()).dtype)
+    out.precision = policy.precision
+    return out
 
 
-def load(path: str | Path, dtype: torch.dtype | None = None) -> Policy:
+def load(path: str | Path, dtype: torch.dtype = torch.float32) -> Policy:
     """A Hugging Face Llama directory, a .nemo archive or an unpacked NeMo checkpoint, as a GPTModel."""
     from harness.models import hf, nemo
 
-    place = P.current()
-    if dtype is not None:
-        place = P.Placement(place.device, dtype, place.tensor_parallel, place.seed)
     if nemo.is_nemo(path):
         full, spec, tokenizer, config = nemo.read(path)
-        return from_full(full, spec, tokenizer, config, place)
-    return from_hf(hf.load(path, dtype=place.dtype), place)  # hf.load checks files, shapes and the tokenizer
+        return from_full(full, spec, tokenizer, config, dtype)
+    return from_hf(hf.load(path, dtype=dtype))  # hf.load checks files, shapes and the tokenizer
 
 
 def to_hf_state(policy: Policy) -> tuple[dict[str, torch.Tensor], K.GPTSpec]:
