@@ -31,6 +31,8 @@ def test_smoke_pipeline_runs_on_mcore(tmp_path):
         assert saved["model"]["backend"] == "mcore"
         assert "eval/oracle_reward" in json.loads((proj / f"runs/iter{t}/eval.json").read_text())
     history = [json.loads(line) for line in (proj / "runs/iter1/train_history.jsonl").read_text().splitlines()]
-    assert history and all(h["train/loss"] > 0 for h in history if "train/loss" in h)
+    pairs = (proj / "runs/iter1/pairs.jsonl").read_text().splitlines()
+    # the smoke world may leave a tiny model without a valid pair (all judgements unparsable): then no DPO step
+    assert len(history) >= (1 if pairs else 0) and all(h["train/loss"] > 0 for h in history if "train/loss" in h)
     assert load_policy(proj / "runs/iter1/model", backend="hf").backend == "hf"  # a Hugging Face directory
     assert ran(run(["dvc", "repro"], proj).stdout) == set()

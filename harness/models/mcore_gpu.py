@@ -2,9 +2,10 @@
 
 The training loop (harness.train._run) drives an optimizer through zero_grad / clip_grad_norm_ / step / param_groups /
 state_dict; MegatronOptimizer gives Megatron's the same surface. Megatron reduces gradients over the data-parallel
-group in its own fp32 buffers, keeps fp32 main weights under bf16 (NeMo's precision=bf16 with megatron_amp_O2) and
-clips over the whole model (tensor-parallel shards included). Weight decay applies to every weight, as the CPU path's
-torch AdamW does. Not exercised on the CPU-only CI: see README (GPU path).
+group in its own fp32 buffers and clips over the whole model (tensor-parallel shards included). Weights are fp32 as
+on the CPU path (trainer.precision=bf16 is compute under autocast); a model built with bf16 params would get fp32 main
+weights in the optimizer. Weight decay applies to every weight, as the CPU path's torch AdamW does. Not exercised on
+the CPU-only CI: see README (GPU path).
 """
 
 from __future__ import annotations
