@@ -87,19 +87,25 @@ def test_tensor_parallel_2_equals_one_process(launched):
 
 
 def test_devices_2_relaunches_under_torchrun_and_only_rank_0_writes(tmp_path):
-    """`harness prepare trainer.devices=2` restarts itself as 2 torchrun processes; rank 1's writes are discarded, so
+    """`harness pairs trainer.devices=2` restarts itself as 2 torchrun processes; rank 1's writes are discarded, so
     the outputs equal a one-process run's, byte for byte."""
-    from harness.io import tree_hash
+    from harness.io import tree_hash, write_jsonl
     from tests.conftest import env, run
 
-    cmd = [sys.executable, "-m", "harness.cli", "prepare", "-c", "experiments/smoke.yaml",
-           "world.num_ift=8", "world.num_eft=4", "world.num_mft=2", "world.num_test=4"]
+    def response(text, mean):
+        return {"text": text, "num_tokens": len(text), "is_end": True, "mean": mean, "var": 0.0}
+
+    judged = [{"id": str(i), "prompt": f"p{i}", "question": f"q{i}",
+               "responses": [response(f"a{i}", 4.0), response(f"bb{i}", 1.0 + i % 2), response(f"c{i}", 2.0)]}
+              for i in range(6)]
+    for root in ("one", "two"):
+        write_jsonl(tmp_path / root / "iter1/judged.jsonl", judged)
+        write_jsonl(tmp_path / root / "iter1/judge_pairs.jsonl", [])
+    cmd = [sys.executable, "-m", "harness.cli", "pairs", "-i", "1", "-c", "experiments/smoke.yaml"]
     e = {**env(), "PYTHONPATH": str(ROOT), "HARNESS_NUM_THREADS": "1"}
     two = run([*cmd, "--root", str(tmp_path / "two"), "trainer.devices=2"], ROOT, env=e)
-    assert two.stdout.count("'world_files'") == 2  # both ranks ran the stage and printed its summary
+    assert two.stdout.count("'pairs/policy_pairs': 6") == 2  # both ranks ran the stage and printed its summary
     run([*cmd, "--root", str(tmp_path / "one")], ROOT, env=e)
-    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
-    assert files and files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*")
-                                     if p.is_file())
+    assert (tmp_path / "one/iter1/pairs.jsonl").stat().st_size > 0
     assert tree_hash(tmp_path / "one") == tree_hash(tmp_path / "two")
-    assert not list((tmp_path / "two").rglob("*.tmp"))
+    assert sorted(p.name for p in (tmp_path / "two").rglob("*")) == sorted(p.name for p in (tmp_path / "one").rglob("*"))
