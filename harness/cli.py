@@ -37,12 +37,15 @@ def cmd_config_keys(args) -> int:
 
 
 def _setup(args) -> tuple[C.Config, object]:
-    from harness import determinism
+    from harness import determinism, parallel
     from harness.layout import Layout, log_dir
 
     cfg = load_config(args)
+    if parallel.needs_launch(cfg):  # trainer.devices > 1 outside torchrun: run this command under torchrun
+        sys.exit(parallel.relaunch(cfg, args.argv))
     determinism.set_threads()
     determinism.seed_everything(cfg.seed)
+    parallel.setup(cfg)
     return cfg, Layout(Path(args.root) if args.root else log_dir(cfg))
 
 
@@ -219,6 +222,17 @@ def cmd_sweep(args) -> int:
     return 0 if out.get("best_trial") is not None else 1
 
 
+def cmd_export_nemo(args) -> int:
+    from harness.models import nemo
+    from harness.models.base import load_policy
+
+    cfg, _ = _setup(args)
+    policy = load_policy(args.src, backend=cfg.model.backend)
+    nemo.write(policy, args.out, policy.config)
+    print(f"wrote {args.out}")
+    return 0
+
+
 STAGES = ("generate", "judge", "meta_judge", "pairs", "train", "evaluate")
 
 
@@ -258,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
         stage_parser(name, helps[name], _stage(name), iteration=True)
     stage_parser("report", "markdown table and plots over iterations", cmd_report).add_argument(
         "--out", default="runs/report", help="report directory")
+    ex = sub.add_parser("export-nemo", help="write a checkpoint (HF directory or .nemo) as a .nemo archive")
+    ex.add_argument("src", help="checkpoint directory or .nemo")
+    ex.add_argument("out", help="the .nemo archive to write")
+    _add_config_args(ex)
+    ex.set_defaults(func=cmd_export_nemo, root=None)
     sw = sub.add_parser("sweep", help="Optuna study over the pipeline: each trial a `dvc repro` sharing DVC's cache")
     sw.add_argument("space", help="search-space YAML (see experiments/sweep.yaml)")
     sw.add_argument("--n-trials", type=int, default=None, help="total trials in the study (default: the space file's)")
@@ -276,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may also follow the options (`harness sweep space.yaml --n-jobs 2 seed=3`), as in NeMo's commands.
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv  # for a relaunch under torchrun (trainer.devices > 1)
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

@@ -30,8 +30,8 @@ def stage_outputs(*roots: str | Path) -> Iterator[None]:
     A staged output is only visible at `pending(path)` until the block ends.
     """
     dirs = [os.path.abspath(r) for r in roots]
-    for d in {p for r in dirs for p in (r, os.path.dirname(r))}:  # left by a stage killed before its commit
-        for stale in Path(d).glob(".staged.*"):
+    for d in {p for r in dirs for p in (r, os.path.dirname(r))} if not _other_rank() else ():
+        for stale in Path(d).glob(".staged.*"):  # left by a stage killed before its commit
             _rmtree(stale)
     pending: dict[Path, Path] = {}
     token = _STAGE.set((dirs, pending))
@@ -44,9 +44,16 @@ def stage_outputs(*roots: str | Path) -> Iterator[None]:
     finally:
         _STAGE.reset(token)
     for path, tmp in pending.items():
+        if _other_rank():
+            _rmtree(tmp.parent)
+            continue
         with atomic_path(path) as dst:  # the usual replace, now outside the stage
             os.replace(tmp, dst)
         _rmtree(tmp.parent)
+
+
+def _other_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) != 0
 
 
 def pending(path: str | Path) -> Path:
@@ -68,13 +75,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; it replaces `path` only if the block finishes.
 
     A crash (or SIGKILL) leaves the old file or no file, never a half-written one. Works for files and directories.
+    Under torchrun only global rank 0 commits: the other ranks write into a scratch folder that is then deleted.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover(path)
     staged = _staged(path)
     if staged is not None:  # an output of the running stage: kept aside until stage_outputs commits it
-        tmp = Path(tempfile.mkdtemp(prefix=".staged.", dir=path.parent)) / path.name
+        # (other torchrun ranks keep theirs in a scratch folder, so pending() works there too, and never commit)
+        if not _other_rank():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".staged.", dir=None if _other_rank() else path.parent)) / path.name
         try:
             yield tmp
         except BaseException:
@@ -85,6 +94,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             _rmtree(old.parent)
         staged[Path(os.path.abspath(path))] = tmp
         return
+    if _other_rank():  # torchrun: only global rank 0 writes (the ranks' results are equal)
+        with tempfile.TemporaryDirectory() as scratch:
+            yield Path(scratch) / path.name
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed earlier
         _rmtree(stale)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / path.name

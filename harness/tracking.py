@@ -93,7 +93,7 @@ def _find_or_create(client, exp_id: str, filt: str, tags: dict, name: str) -> tu
 def stage_run(cfg: C.Config, stage: str, iteration: int | None = None, *, finish_parent: bool = False
               ) -> Iterator[Tracker | None]:
     """Attach this stage to the pipeline's parent run (and the iteration's child); mark FAILED on any error."""
-    if not cfg.tracking.enabled:
+    if not cfg.tracking.enabled or int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 logs for all
         yield None
         return
     from mlflow import MlflowClient

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from harness import config as C
+from harness import parallel as P
 from harness.determinism import derive_seed
 from harness.io import DataError, atomic_path, read_json
 from harness.losses import implicit_rewards, preference_loss, sequence_logps, sft_loss
@@ -56,7 +57,7 @@ def collate(seqs: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
         ids[i, : len(s.ids)] = torch.tensor(s.ids)
         attn[i, : len(s.ids)] = 1
         mask[i, : len(s.ids)] = torch.tensor(s.mask, dtype=torch.float32)
-    return ids, attn, mask
+    return P.to_device(ids, attn, mask)
 
 
 def lr_at(step: int, total: int, lr: float, sched: C.Sched) -> float:
@@ -106,7 +107,7 @@ def pack_pairs(ch, rj, pad_id: int, dtype=torch.float32):
         idx["rt"][b, :lr] = ids[b, lp + lc:n]
         cm[b, :lc], rm[b, :lr] = True, True
     mask = torch.zeros((b_n, 1, t_n, t_n), dtype=dtype).masked_fill(~allowed.unsqueeze(1), torch.finfo(dtype).min)
-    return ids, position_ids, mask, (idx["cp"], idx["ct"], cm), (idx["rp"], idx["rt"], rm)
+    return P.to_device(ids, position_ids, mask, (idx["cp"], idx["ct"], cm), (idx["rp"], idx["rt"], rm))
 
 
 def _gathered_logps(logits, pred, tgt, mask, average: bool):
@@ -201,8 +202,7 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
     steps_per_epoch = max(1, math.ceil(math.ceil(n_items / gbs) * sr.limit_train_batches))
     total = epochs * steps_per_epoch if max_steps == -1 else min(max_steps, epochs * steps_per_epoch)
     val_every = max(1, round(total * sr.val_check_interval)) if sr.val_check_interval < 1 else int(sr.val_check_interval)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(m.optim.betas), eps=m.optim.eps,
-                            weight_decay=m.optim.weight_decay)
+    opt = P.optimizer(model, lr=lr, betas=tuple(m.optim.betas), eps=m.optim.eps, weight_decay=m.optim.weight_decay)
     start, history, resumed = 0, [], None
     if resume_dir is not None and _saved_key(resume_dir) == key:  # else: written for other inputs, ignored
         start, history, saved = _load_state(resume_dir, model, opt)
@@ -228,15 +228,15 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
             group["lr"] = lr_at(step, total, lr, m.optim.sched)
         opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for i in range(0, len(batch), mbs):
+        mine = P.shard(batch)  # this data-parallel rank's part of the global batch (all of it with one rank)
+        for i in range(0, len(mine), mbs):
             with policy.autocast():  # forward only: backward follows the forward's dtypes
-                loss, metrics = step_fn(batch[i:i + mbs], len(batch))
+                loss, metrics = step_fn(mine[i:i + mbs], len(batch))
             loss.backward()
             for name, v in metrics.items():
                 sums[name] = sums.get(name, 0.0) + v
         clip = sr.gradient_clip_val if sr.gradient_clip_val > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        _check_finite(phase, step, total, lr, {"loss": sums.get("train/loss", 0.0), "gradient norm": float(grad_norm)})
+        grad_norm = opt.clip_grad_norm_(clip)  # gradients summed over data-parallel ranks first
         try:
             opt.step()
         except RuntimeError as e:  # torch: "value cannot be converted to type float without overflow"
@@ -244,7 +244,9 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
                 raise
             _check_finite(phase, step, total, lr, {"step size": float("inf")})
         row = {"step": step + 1, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
-        row.update({name: v / len(batch) for name, v in sums.items()})
+        row.update({name: v / len(batch) for name, v in P.all_sum(sums).items()})
+        # Both summed over ranks, so every rank stops together, before anything is saved.
+        _check_finite(phase, step, total, lr, {"loss": row.get("train/loss", 0.0), "gradient norm": row["grad_norm"]})
         history.append(row)
         if val_fn is not None and ((step + 1) % val_every == 0 or step + 1 == total):
             model.eval()
@@ -390,19 +392,20 @@ def train_dpo(policy, pairs: list[dict], cfg: C.Config, *, iteration: int, valid
             cache.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(cache) as tmp:
                 save_file(state, str(tmp), metadata={"key": key})
-    scores = torch.tensor([[p["chosen_score"], p["rejected_score"]] for p in pairs], dtype=torch.float32)
+    scores = torch.tensor([[p["chosen_score"], p["rejected_score"]] for p in pairs], dtype=torch.float32,
+                          device=P.current().device)
 
     def step_fn(idx: list[int], batch_size: int):
         n = len(idx)
         c_logps, r_logps, sft_logps, c_len, r_len = pair_logps(
             policy.model, [ch[i] for i in idx], [rj[i] for i in idx], pad, avg,
             sft_avg if spin.sft_loss_weight else None)  # chosen and rejected in one forward
-        c_ratio = c_logps - state["ref_chosen"][idx]
-        r_ratio = r_logps - state["ref_rejected"][idx]
+        c_ratio = c_logps - state["ref_chosen"][idx].to(c_logps.device)  # cached/resumed on CPU
+        r_ratio = r_logps - state["ref_rejected"][idx].to(r_logps.device)
         pref = preference_loss(spin.preference_loss, chosen_logratio=c_ratio, rejected_logratio=r_ratio,
                                chosen_score=scores[idx, 0], rejected_score=scores[idx, 1], beta=beta,
                                gt_reward_scale=spin.gt_reward_scale)
-        sft = -sft_logps if spin.sft_loss_weight else torch.zeros(n)
+        sft = -sft_logps if spin.sft_loss_weight else torch.zeros(n, device=pref.device)
         per_sample = spin.preference_loss_weight * pref + spin.sft_loss_weight * sft
         rc, rr = implicit_rewards(c_ratio.detach(), r_ratio.detach(), beta)
         metrics = {

@@ -75,12 +75,26 @@ def _backend(name: str):
 
 
 def load_policy(path: str | Path, backend: str = "hf", dtype: torch.dtype = torch.float32) -> Policy:
-    """Load a checkpoint directory; bad or missing files, or NaN/inf weights, raise harness.io.DataError naming it."""
+    """Load a checkpoint directory or a .nemo archive onto the current device (harness.parallel: the CPU unless set
+    up otherwise); bad or missing files, or NaN/inf weights, raise harness.io.DataError naming the path."""
+    from harness import parallel
     from harness.io import DataError, recover
+    from harness.models import nemo
 
     recover(path)  # a crash in the middle of replacing this directory left only its backup
-    policy = _backend(backend).load(path, dtype=dtype)
-    bad = [n for n, t in policy.model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if backend == "hf" and nemo.is_nemo(path):  # NeMo's layout, converted to a transformers Llama
+        from harness.models import convert
+
+        full, spec, tokenizer, config = nemo.read(path)
+        model = convert.build_hf(spec, convert.mcore_to_hf(full, spec), tokenizer, dtype)
+        policy = Policy(model=model, tokenizer=tokenizer, config=config, backend="hf")
+    else:
+        policy = _backend(backend).load(path, dtype=dtype)
+    device = parallel.current().device
+    if backend == "hf" and device.type != "cpu":
+        policy.model.to(device)
+    # This rank's weights only (no collective): a NaN checkpoint must not become a NaN model and an IndexError later.
+    bad = [n for n, p in policy.model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise DataError(f"{path}: non-finite weights (NaN or inf) in {', '.join(bad[:3])}"
                         + (f" and {len(bad) - 3} more tensors" if len(bad) > 3 else ""))
