@@ -11,8 +11,10 @@ from __future__ import annotations
 
 _RESPONSE = {"text": str, "num_tokens": int, "is_end": bool}
 RESPONSES = {"id": str, "prompt": str, "question": str, "responses": [_RESPONSE]}  # generate -> judge
-JUDGED = {**RESPONSES, "responses": [{**_RESPONSE, "judgements": [{"text": str, "score": (float, None)}],
-                                      "mean": (float, None), "var": (float, None)}]}  # judge -> meta_judge, pairs
+_SCORED = {**_RESPONSE, "mean": (float, None), "var": (float, None)}
+JUDGED = {"id": str, "prompt": str, "responses": [_SCORED]}  # judge -> pairs
+META_JUDGED = {"id": str, "question": str,  # judge -> meta_judge
+               "responses": [{**_SCORED, "judgements": [{"text": str, "score": (float, None)}]}]}
 PAIR = {"kind": str, "prompt": str, "chosen": str, "rejected": str, "chosen_score": float, "rejected_score": float}
 JUDGE_PAIRS = {"id": str, **PAIR}  # meta_judge -> pairs
 PAIRS = PAIR  # pairs -> train

@@ -210,7 +210,7 @@ def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
     from harness.judging.parse import parse_winner, strip_score
     from harness.judging.templates import meta_judge_text
 
-    rows = read_jsonl(lay.it(t) / "judged.jsonl", R.JUDGED, nonempty=True)
+    rows = read_jsonl(lay.it(t) / "judged.jsonl", R.META_JUDGED, nonempty=True)
     policy = _load(cfg, model_before(cfg, lay, t))
     asks, keys = [], []  # one meta-judge prompt per (prompt, pair, order); results keyed by pair, never by position
     plan = {}
