@@ -11,6 +11,7 @@ from pathlib import Path
 
 from harness import config as C
 from harness.io import DataError
+from harness.timing import CLOCK
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -60,21 +61,27 @@ def cmd_prepare(args) -> int:
 
     cfg, lay = _setup(args)
     with tracking.stage_run(cfg, "prepare") as tr:
+        CLOCK.stage_begins()
         out = stages.prepare(cfg, lay)
         if tr:
             tr.log_metrics({f"prepare/{k}": v for k, v in out.items()}, parent=True)
-    print(out)
+            for name, context in (("ift", "train"), ("eft", "train"), ("mft", "train"), ("validation", "validation"),
+                                  ("test", "test")):
+                tr.log_dataset(lay.world / f"{name}.jsonl", f"world/{name}", context, parent=True)
+    _done(lay, "prepare", None, out, tr)
     return 0
 
 
 def cmd_sft(args) -> int:
     from harness import stages, tracking
     from harness.io import write_json, write_jsonl
+    from harness.layout import sft_files
 
     cfg, lay = _setup(args)
     if not cfg.model.spin.first_iteration_sft:
         raise C.ConfigError("harness sft runs iteration 0 only with model.spin.first_iteration_sft=true")
     with tracking.stage_run(cfg, "sft", 0) as tr:
+        CLOCK.stage_begins()
         summary, history = stages.run_sft(cfg, lay)
         write_jsonl(lay.it(0) / "train_history.jsonl", history)
         write_json(lay.it(0) / "train_metrics.json", summary)
@@ -82,7 +89,9 @@ def cmd_sft(args) -> int:
             tr.log_history(history)
             tr.log_metrics(summary, step=0)
             _tag_resume(tr, history)
-    print(summary)
+            for name, path in sft_files(cfg, lay).items():
+                tr.log_dataset(path, f"sft/{name}", "train")
+    _done(lay, "sft", None, summary, tr)
     return 0
 
 
@@ -96,6 +105,7 @@ def cmd_sft_baseline(args) -> int:
         raise C.ConfigError("harness sft_baseline needs the task world, model.spin.first_iteration_sft=true and "
                             "model.sft.baseline=true")
     with tracking.stage_run(cfg, "sft_baseline") as tr:
+        CLOCK.stage_begins()
         summary, history = stages.run_sft(cfg, lay, baseline=True)
         write_jsonl(lay.baseline / "train_history.jsonl", history)
         write_json(lay.baseline / "train_metrics.json", summary)
@@ -104,7 +114,7 @@ def cmd_sft_baseline(args) -> int:
             tr.log_metrics({f"sft_baseline/{k.split('/')[-1]}": v for k, v in {**summary, **metrics}.items()},
                            parent=True)
             _tag_resume(tr, history)
-    print({**summary, **metrics})
+    _done(lay, "sft_baseline", None, {**summary, **metrics}, tr)
     return 0
 
 
@@ -114,10 +124,12 @@ def _stage(name: str):
     def cmd(args) -> int:
         from harness import stages, tracking
         from harness.io import write_json, write_jsonl
+        from harness.layout import prompts_file
 
         cfg, lay = _setup(args)
         t = _iteration(cfg, args.iteration, sft=name == "evaluate")
         with tracking.stage_run(cfg, name, t) as tr:
+            CLOCK.stage_begins()
             if name == "train":
                 metrics, history = stages.run_train(cfg, lay, t)
                 write_jsonl(lay.it(t) / "train_history.jsonl", history)
@@ -139,10 +151,24 @@ def _stage(name: str):
                 tr.log_metrics(metrics, step=t)
                 if name == "pairs":
                     _log_pairs_table(tr, lay.it(t) / "pairs.jsonl")
-        print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+                if name == "generate":
+                    tr.log_dataset(prompts_file(cfg, lay, t), f"prompts/iter{t}", "prompts")
+        _done(lay, name, t, metrics, tr)
         return 0
 
     return cmd
+
+
+def _done(lay, stage: str, t: int | None, metrics: dict, tr) -> None:
+    """The stage's timings (timings/<stage>.json and MLflow time/<stage>/...) and its one summary line."""
+    from harness.io import write_json
+    from harness.timing import stage_name, summary_line, timings_file
+
+    times = CLOCK.metrics()
+    write_json(timings_file(lay.root, stage, t), {"stage": stage_name(stage, t), **times})
+    if tr:  # the runs are attached by now: this goes straight to MLflow
+        tr.log_metrics({f"time/{stage}/{k.split('/', 1)[1]}": v for k, v in times.items()}, step=t or 0)
+    print(summary_line(stage_name(stage, t), metrics, times), flush=True)
 
 
 def _tag_resume(tr, history) -> None:
@@ -164,24 +190,30 @@ def cmd_report(args) -> int:
     from harness import tracking
     from harness.evaluate import run_report
     from harness.io import atomic_path
+    from harness.timing import write_summary
 
     cfg, lay = _setup(args)
     with tracking.stage_run(cfg, "report", finish_parent=True) as tr:
+        CLOCK.stage_begins()
         out = Path(args.out)
         with atomic_path(out) as tmp:
             final = run_report(cfg, lay, tmp)
+        summary = write_summary(lay.root)  # where the time went: kept apart from the bit-identical report
         if tr:
             tr.log_metrics({f"final/{k}": v for k, v in final.items()}, parent=True)
             tr.log_artifact(out / "report.md", "report", parent=True)
             tr.log_artifact(out / "iterations.csv", "report", parent=True)
             for png in sorted((out / "plots").glob("*.png")):
                 tr.log_artifact(png, "report/plots", parent=True)
+            for f in summary:
+                tr.log_artifact(f, "timings", parent=True)
             tr.log_artifact("dvc.lock", parent=True)
             tr.log_artifact("params.yaml", parent=True)
             tr.set_tags({"dvc_lock_hash": tracking.file_tag("dvc.lock")}, parent=True)
             if cfg.tracking.log_model:
                 tr.log_artifact(lay.model(cfg.trainer.self_rewarding.max_iterations - 1), "model", parent=True)
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
+    _done(lay, "report", None, final, tr)
     return 0
 
 

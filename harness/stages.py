@@ -30,8 +30,10 @@ __all__ = ["Layout", "initial_model", "model_before", "prompts_file", "use_sft_b
 
 def _load(cfg: C.Config, path: Path):
     from harness.models.base import load_policy
+    from harness.timing import CLOCK
 
-    policy = load_policy(path, backend=cfg.model.backend)
+    with CLOCK.phase("load"):  # the transformers import included: where/when a model stage's start-up ends
+        policy = load_policy(path, backend=cfg.model.backend)
     policy.precision = cfg.trainer.precision
     return policy
 

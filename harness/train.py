@@ -12,6 +12,7 @@ import json
 import math
 import random
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from harness import config as C
 from harness.determinism import derive_seed
 from harness.io import DataError, atomic_path, read_json
 from harness.losses import implicit_rewards, preference_loss, sequence_logps, sft_loss
+from harness.progress import progress
 
 
 @dataclass
@@ -207,6 +209,8 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
         resumed = start
         print(f"harness: {phase}: resumed from step {start} of {total} ({resume_dir})", file=sys.stderr, flush=True)
     model.train()
+    bar = progress(total - start, f"{phase} iter {iteration}" + (f" (from step {start})" if start else ""), "step")
+    t0, items = time.perf_counter(), 0
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
         order = list(range(n_items))
@@ -236,12 +240,15 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
         row = {"step": step + 1, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
         row.update({name: v / len(batch) for name, v in sums.items()})
         history.append(row)
+        items += len(batch)
+        bar.update(1, loss=row.get("train/loss", float("nan")), items_per_s=items / (time.perf_counter() - t0))
         if val_fn is not None and ((step + 1) % val_every == 0 or step + 1 == total):
             model.eval()
             history.append({"step": step + 1, **val_fn()})
             model.train()
         if resume_dir is not None and (step + 1) % sr.save_interval == 0 and step + 1 < total:
             _save_state(resume_dir, model, opt, step + 1, history, extra_state or {}, key)
+    bar.close()
     model.eval()
     return History(history, resumed_from=resumed, steps_computed=total - start, total_steps=total,
                    resume_dir=resume_dir)
