@@ -23,6 +23,7 @@ from harness import config as C
 from harness.determinism import derive_seed
 from harness.io import DataError, atomic_path, read_json
 from harness.losses import implicit_rewards, preference_loss, sequence_logps, sft_loss
+from harness.packing import first_fit, pack, packed_logps
 from harness.progress import progress
 
 
@@ -189,8 +190,12 @@ class History(list):
 
 def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, epochs: int, iteration: int,
          shuffle: bool, resume_dir: Path | None, val_fn: Callable | None, extra_state: dict | None = None,
-         phase: str = "train", max_steps: int = -1, keep_batches: bool = False, key: str = "") -> History:
+         phase: str = "train", max_steps: int = -1, keep_batches: bool = False, key: str = "",
+         micro_batches: Callable | None = None) -> History:
     """Optimizer steps over global batches of item indices; returns one metrics dict per step (+ val entries).
+
+    micro_batches(global batch) -> the micro-batches step_fn receives (default: consecutive slices of
+    micro_batch_size items; packed SFT passes rows of packed examples instead).
 
     With resume_dir, the state (weights, optimizer, history, extra tensors) is saved every save_interval steps under
     `key`; a rerun with the same key continues from the last save point, announced on stderr."""
@@ -228,9 +233,10 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
             group["lr"] = lr_at(step, total, lr, m.optim.sched)
         opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        for i in range(0, len(batch), mbs):
+        micro = micro_batches(batch) if micro_batches else [batch[i:i + mbs] for i in range(0, len(batch), mbs)]
+        for mb in micro:
             with policy.autocast():  # forward only: backward follows the forward's dtypes
-                loss, metrics = step_fn(batch[i:i + mbs], len(batch))
+                loss, metrics = step_fn(mb, len(batch))
             loss.backward()
             for name, v in metrics.items():
                 sums[name] = sums.get(name, 0.0) + v
@@ -282,12 +288,32 @@ def _val_sft(policy, val: list[Encoded], cfg: C.Config) -> Callable:
 
 
 def train_sft(policy, examples: list[tuple[str, str]], cfg: C.Config, *, validation: list[tuple[str, str]] = (),
-              iteration: int = 0, resume_dir: Path | None = None) -> History:
-    """Iteration 0: NLL of (prompt, response) examples (gold answers and judge targets), token-averaged per batch."""
+              iteration: int = 0, resume_dir: Path | None = None, packed: bool = True) -> History:
+    """Iteration 0: NLL of (prompt, response) examples (gold answers and judge targets), the mean over each global
+    batch of every example's token-averaged NLL.
+
+    packed: the global batch's examples go into rows as long as the longest example (first-fit decreasing), each
+    example attending only to itself at its own positions (harness.packing), micro_batch_size rows per forward:
+    the same loss as padded micro-batches of micro_batch_size examples (packed=False), without their padding.
+    """
     max_len = C.seq_len(cfg, cfg.model.data.sft_ds)
     enc = [encode(policy.tokenizer, p, r, max_len) for p, r in examples]
     val = [encode(policy.tokenizer, p, r, C.seq_len(cfg, cfg.model.data.validation_ds)) for p, r in validation]
-    pad = policy.tokenizer.pad_token_id
+    pad, mbs = policy.tokenizer.pad_token_id, cfg.model.micro_batch_size
+    capacity = max((len(e.ids) for e in enc), default=1)
+
+    def rows_of(batch: list[int]) -> list[list[list[int]]]:
+        rows = [[batch[k] for k in row] for row in first_fit([len(enc[i].ids) for i in batch], capacity)]
+        return [rows[i:i + mbs] for i in range(0, len(rows), mbs)]
+
+    def packed_step(rows: list[list[int]], batch_size: int):
+        seqs = [enc[i] for row in rows for i in row]
+        local, k = [], 0
+        for row in rows:
+            local.append(list(range(k, k + len(row))))
+            k += len(row)
+        nll = -packed_logps(policy.model, pack(seqs, local, pad, next(policy.model.parameters()).dtype), average=True)
+        return nll.sum() / batch_size, {"train/loss": float(nll.detach().sum())}
 
     def step_fn(idx: list[int], batch_size: int):
         ids, attn, mask = collate([enc[i] for i in idx], pad)
@@ -296,10 +322,11 @@ def train_sft(policy, examples: list[tuple[str, str]], cfg: C.Config, *, validat
         loss = nll.sum() / batch_size
         return loss, {"train/loss": float(nll.detach().sum())}
 
-    return _run(policy, len(enc), step_fn, cfg, lr=cfg.model.sft.lr, epochs=cfg.model.sft.max_epochs, iteration=iteration,
+    return _run(policy, len(enc), packed_step if packed else step_fn, cfg, lr=cfg.model.sft.lr,
+                epochs=cfg.model.sft.max_epochs, iteration=iteration,
                 shuffle=cfg.model.data.sft_ds.shuffle, resume_dir=resume_dir,
-                val_fn=_val_sft(policy, val, cfg), phase="sft",
-                key=resume_key(examples, C.to_dict(cfg), iteration, policy.model))
+                val_fn=_val_sft(policy, val, cfg), phase="sft", micro_batches=rows_of if packed else None,
+                key=resume_key(examples, C.to_dict(cfg), iteration, policy.model, packed))
 
 
 def reference_logps(policy, ch: list[Encoded], rj: list[Encoded], average: bool, batch: int
@@ -316,11 +343,11 @@ def reference_logps(policy, ch: list[Encoded], rj: list[Encoded], average: bool,
 
 
 def code_version() -> str:
-    """A hash of the code that trains (this module and the losses): state written by other code is not reused."""
-    from harness import losses
+    """A hash of the training code (this module, the losses, packing): state written by other code is not reused."""
+    from harness import losses, packing
 
     h = hashlib.sha256()
-    for mod in (sys.modules[__name__], losses):
+    for mod in (sys.modules[__name__], losses, packing):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
 

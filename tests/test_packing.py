@@ -1,0 +1,61 @@
+"""Packed SFT: several examples per row (block-diagonal mask, restarted positions) give each example the log-probs
+and gradients it has alone, and packed training follows the padded loop's losses."""
+
+import pytest
+import torch
+
+from harness import config as C
+from harness import train as T
+from harness.models.hf import build_tiny
+from harness.packing import first_fit, pack, packed_logps
+from tests.test_train import PAIRS, SMALL, cfg, tok  # noqa: F401 - tok is a fixture
+
+# prompts of very different lengths, as IFT answers, judge and meta-judge prompts are
+EXAMPLES = [(("Sort these numbers: " + " ".join(str(j) for j in range(i % 5 + 1)) + "\n") * (1 + i % 3), str(i))
+            for i in range(10)]
+
+
+def test_first_fit_decreasing_by_hand():
+    # lengths 7, 5, 4, 3, 2, 2 into rows of 9: 7+2 | 5+4 | 3+2
+    assert first_fit([3, 7, 2, 5, 2, 4], 9) == [[1, 2], [3, 5], [0, 4]]
+    assert first_fit([12, 1], 9) == [[0], [1]]  # too long for a row: a row of its own
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_packed_logps_and_gradients_equal_the_unpacked_ones(tok, average):
+    policy = build_tiny(SMALL, tok, seed=3)
+    enc = [T.encode(tok, p, r, 256) for p, r in EXAMPLES]
+    weights = torch.arange(1.0, len(enc) + 1)
+    ids, attn, mask = T.collate(enc, tok.pad_token_id)
+    ref = T.sequence_logps(T._logits(policy.model, ids, attn), ids, mask, average=average)
+    (ref * weights).sum().backward()
+    ref_grads = [p.grad.clone() for p in policy.model.parameters()]
+    policy.model.zero_grad()
+    rows = first_fit([len(e.ids) for e in enc], max(len(e.ids) for e in enc))
+    assert len(rows) < len(enc)  # several examples share a row
+    p = pack(enc, rows, tok.pad_token_id)
+    assert p.ids.numel() < ids.numel() and (p.ids != tok.pad_token_id).sum() == attn.sum()
+    got = packed_logps(policy.model, p, average=average)
+    (got * weights).sum().backward()
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
+    for a, g in zip(policy.model.parameters(), ref_grads):
+        assert torch.allclose(a.grad, g, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_sft_follows_the_padded_loop(tok):
+    c = cfg("model.sft.max_epochs=2", "model.sft.lr=1e-2")
+    examples = EXAMPLES + [(p["prompt"], p["chosen"]) for p in PAIRS]
+    padded = T.train_sft(build_tiny(SMALL, tok, seed=4), examples, c, packed=False)
+    packed = T.train_sft(build_tiny(SMALL, tok, seed=4), examples, c)
+    assert len(padded) == len(packed) == 12
+    assert packed[0]["train/loss"] == pytest.approx(padded[0]["train/loss"], rel=1e-5)  # same weights, same loss
+    assert [h["train/loss"] for h in packed] == pytest.approx([h["train/loss"] for h in padded], rel=2e-3)
+    again = T.train_sft(build_tiny(SMALL, tok, seed=4), examples, c)
+    assert [h["train/loss"] for h in again] == [h["train/loss"] for h in packed]  # bit-identical rerun
+
+
+def test_packed_sft_is_part_of_the_resume_key(tok):
+    c = cfg()
+    policy = build_tiny(SMALL, tok, seed=4)
+    ex = EXAMPLES[:3]
+    assert T.resume_key(ex, C.to_dict(c), 0, policy.model, True) != T.resume_key(ex, C.to_dict(c), 0, policy.model, False)
