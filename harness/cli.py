@@ -38,13 +38,22 @@ def cmd_config_keys(args) -> int:
 
 
 def _setup(args) -> tuple[C.Config, object]:
-    from harness import determinism
+    import random
+
+    import harness.determinism  # noqa: F401 - sets the NVTE_*/CUBLAS flags before any model import
     from harness.layout import Layout, log_dir
 
     cfg = load_config(args)
-    determinism.set_threads()
-    determinism.seed_everything(cfg.seed)
+    random.seed(cfg.seed)  # torch is set up where a model is first loaded or built (determinism.torch_ready)
     return cfg, Layout(Path(args.root) if args.root else log_dir(cfg))
+
+
+def _torch(cfg: C.Config) -> None:
+    """torch's import, threads and seeds, counted as model loading: stages without a model skip it."""
+    from harness.determinism import torch_ready
+
+    with CLOCK.phase("load"):
+        torch_ready(cfg.seed)
 
 
 def _iteration(cfg: C.Config, t: int, *, sft: bool = False) -> int:
@@ -62,6 +71,8 @@ def cmd_prepare(args) -> int:
     cfg, lay = _setup(args)
     with tracking.stage_run(cfg, "prepare") as tr:
         CLOCK.stage_begins()
+        if cfg.pretrained_checkpoint.restore_from_path is None:
+            _torch(cfg)
         out = stages.prepare(cfg, lay)
         if tr:
             tr.log_metrics({f"prepare/{k}": v for k, v in out.items()}, parent=True)
@@ -82,6 +93,7 @@ def cmd_sft(args) -> int:
         raise C.ConfigError("harness sft runs iteration 0 only with model.spin.first_iteration_sft=true")
     with tracking.stage_run(cfg, "sft", 0) as tr:
         CLOCK.stage_begins()
+        _torch(cfg)
         summary, history = stages.run_sft(cfg, lay)
         write_jsonl(lay.it(0) / "train_history.jsonl", history)
         write_json(lay.it(0) / "train_metrics.json", summary)
@@ -106,6 +118,7 @@ def cmd_sft_baseline(args) -> int:
                             "model.sft.baseline=true")
     with tracking.stage_run(cfg, "sft_baseline") as tr:
         CLOCK.stage_begins()
+        _torch(cfg)
         summary, history = stages.run_sft(cfg, lay, baseline=True)
         write_jsonl(lay.baseline / "train_history.jsonl", history)
         write_json(lay.baseline / "train_metrics.json", summary)
@@ -130,6 +143,8 @@ def _stage(name: str):
         t = _iteration(cfg, args.iteration, sft=name == "evaluate")
         with tracking.stage_run(cfg, name, t) as tr:
             CLOCK.stage_begins()
+            if name != "pairs" and (name != "meta_judge" or cfg.model.spin.use_meta_judge):
+                _torch(cfg)
             if name == "train":
                 metrics, history = stages.run_train(cfg, lay, t)
                 write_jsonl(lay.it(t) / "train_history.jsonl", history)

@@ -51,6 +51,18 @@ def seed_everything(seed: int, *, deterministic: bool = True) -> None:
             torch.backends.cudnn.deterministic = True
 
 
+_TORCH_READY: list[int] = []
+
+
+def torch_ready(seed: int) -> None:
+    """Threads, seeds and deterministic kernels, once per process, just before the first model: stages that run no
+    model (pairs, report) never import torch."""
+    if not _TORCH_READY:
+        set_threads()
+        seed_everything(seed)
+        _TORCH_READY.append(seed)
+
+
 def set_threads(n: int | None = None) -> None:
     """Fix the intra-op thread count: float reductions are only bit-identical at a fixed thread count."""
     import torch

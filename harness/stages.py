@@ -29,10 +29,13 @@ __all__ = ["Layout", "initial_model", "model_before", "prompts_file", "use_sft_b
 
 
 def _load(cfg: C.Config, path: Path):
-    from harness.models.base import load_policy
+    from harness.determinism import torch_ready
     from harness.timing import CLOCK
 
-    with CLOCK.phase("load"):  # the transformers import included: where/when a model stage's start-up ends
+    with CLOCK.phase("load"):  # the torch and transformers imports included
+        torch_ready(cfg.seed)
+        from harness.models.base import load_policy
+
         policy = load_policy(path, backend=cfg.model.backend)
     policy.precision = cfg.trainer.precision
     return policy
@@ -55,6 +58,10 @@ def prepare(cfg: C.Config, lay: Layout) -> dict:
 
     out = {}
     spin = cfg.model.spin
+    if cfg.pretrained_checkpoint.restore_from_path is None:
+        from harness.determinism import torch_ready
+
+        torch_ready(cfg.seed)
     if use_world(cfg):
         from harness.data.world import build_world
         from harness.io import atomic_path

@@ -91,7 +91,9 @@ def summary_line(name: str, metrics: dict, times: dict) -> str:
             return "nan" if math.isnan(v) else f"{v:.4g}"
         return str(v)
 
-    parts = [f"{k.split('/', 1)[-1]}={fmt(v)}" for k, v in metrics.items() if isinstance(v, (int, float, str))]
+    items = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+    short = [k.split("/", 1)[-1] for k in items]  # train/acc -> acc, unless two keys would read the same
+    parts = [f"{s if short.count(s) == 1 else k}={fmt(v)}" for (k, v), s in zip(items.items(), short)]
     load = f", load {times['time/load_s']:.1f} s" if times.get("time/load_s") else ""
     head = f"harness: {name} done in {times['time/wall_s']:.1f} s (start-up {times['time/startup_s']:.1f} s{load})"
     return head + (": " + " ".join(parts) if parts else "")

@@ -7,12 +7,18 @@ import torch
 from harness import config as C
 from harness import train as T
 from harness.models.hf import build_tiny
+from harness.models.tokenizer import train_tokenizer
 from harness.packing import first_fit, pack, packed_logps
-from tests.test_train import PAIRS, SMALL, cfg, tok  # noqa: F401 - tok is a fixture
+from tests.test_train import PAIRS, SMALL, TEXTS, cfg
 
 # prompts of very different lengths, as IFT answers, judge and meta-judge prompts are
 EXAMPLES = [(("Sort these numbers: " + " ".join(str(j) for j in range(i % 5 + 1)) + "\n") * (1 + i % 3), str(i))
             for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(TEXTS, 300)
 
 
 def test_first_fit_decreasing_by_hand():
