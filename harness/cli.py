@@ -246,6 +246,13 @@ def cmd_pipeline(args) -> int:
     return 0
 
 
+def cmd_exp_run(args) -> int:
+    from harness import experiments
+
+    return experiments.run(args.file, args.overrides, name=args.name, repro=args.repro, force=args.force,
+                           queue=args.queue, warn=lambda m: print(m, file=sys.stderr))
+
+
 def cmd_sweep(args) -> int:
     from harness.sweep import sweep
 
@@ -295,6 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
         stage_parser(name, helps[name], _stage(name), iteration=True)
     stage_parser("report", "markdown table and plots over iterations", cmd_report).add_argument(
         "--out", default="runs/report", help="report directory")
+    exp = sub.add_parser("exp", help="named experiments (experiments/<name>.yaml) as DVC experiments")
+    exp_run = exp.add_subparsers(dest="action", required=True).add_parser(
+        "run", help="write the file's resolved config as params.yaml (and dvc.yaml), then `dvc exp run --name <name>`")
+    exp_run.add_argument("file", help="named configuration, e.g. experiments/meta_rewarding.yaml")
+    exp_run.add_argument("overrides", nargs="*", help="NeMo/Hydra overrides on top of the file")
+    exp_run.add_argument("--name", "-n", default=None, help="DVC experiment name (default: the file's stem)")
+    exp_run.add_argument("--force", "-f", action="store_true", help="overwrite an experiment of the same name")
+    exp_run.add_argument("--queue", action="store_true", help="queue it (`dvc queue start` runs the queue)")
+    exp_run.add_argument("--repro", action="store_true", help="plain `dvc repro` in the workspace instead")
+    exp_run.set_defaults(func=cmd_exp_run)
     sw = sub.add_parser("sweep", help="Optuna study over the pipeline: each trial a `dvc repro` sharing DVC's cache")
     sw.add_argument("space", help="search-space YAML (see experiments/sweep.yaml)")
     sw.add_argument("--n-trials", type=int, default=None, help="total trials in the study (default: the space file's)")

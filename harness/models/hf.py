@@ -110,7 +110,9 @@ def _check_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
 def load(path: str | Path, dtype: torch.dtype = torch.float32) -> Policy:
     """Load a local HF causal-LM directory (Llama, Qwen, Mistral, GPT-2, ...) or a harness checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per load of a tiny model is noise: stages report their own progress
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: checkpoint directory not found")
