@@ -85,7 +85,7 @@ def _policy_metrics(answers: list[dict]) -> dict:
 
 def run_evaluate_baseline(cfg: C.Config, lay: Layout) -> dict:
     """The SFT baseline's greedy test answers (what every M_t is compared with) and its oracle metrics."""
-    answers = _test_answers(cfg, _load(cfg, lay.baseline / "model"), lay, "sft_baseline")
+    answers = _test_answers(cfg, _load(cfg, lay.baseline / "model", generation=True), lay, "sft_baseline")
     write_jsonl(lay.baseline / "eval_answers.jsonl", answers)
     metrics = _policy_metrics(answers)
     write_json(lay.baseline / "eval.json", metrics)
@@ -99,7 +99,7 @@ def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
     from harness.train import _val_sft, encode
 
     spin = cfg.model.spin
-    policy = _load(cfg, lay.model(t))
+    policy = _load(cfg, lay.model(t), generation=True)
     metrics: dict[str, float] = {"iteration": t}
     val = validation_examples(cfg, lay, policy)
     if val:

@@ -28,15 +28,22 @@ __all__ = ["Layout", "initial_model", "model_before", "prompts_file", "use_sft_b
            "validation_file"]  # re-exported: the paths live in harness.layout
 
 
-def _load(cfg: C.Config, path: Path):
+def _load(cfg: C.Config, path: Path, *, generation: bool = False):
+    """The policy at `path`; generation=True (the stage only generates and scores) skips transformers' modeling
+    import where LeanLlama covers the checkpoint (generation.lean_model)."""
     from harness.determinism import torch_ready
     from harness.timing import CLOCK
 
     with CLOCK.phase("load"):  # the torch and transformers imports included
         torch_ready(cfg.seed)
-        from harness.models.base import load_policy
+        if generation and cfg.model.backend == "hf":
+            from harness.generation.lean_model import load_for_generation
 
-        policy = load_policy(path, backend=cfg.model.backend)
+            policy = load_for_generation(path)
+        else:
+            from harness.models.base import load_policy
+
+            policy = load_policy(path, backend=cfg.model.backend)
     policy.precision = cfg.trainer.precision
     return policy
 
@@ -152,7 +159,7 @@ def run_generate(cfg: C.Config, lay: Layout, t: int) -> dict:
     from harness.generation.sampler import generate
 
     spin = cfg.model.spin
-    policy = _load(cfg, model_before(cfg, lay, t))
+    policy = _load(cfg, model_before(cfg, lay, t), generation=True)
     recs = S.read_sft(prompts_file(cfg, lay, t))
     ids = [str(r.get("id", i)) for i, r in enumerate(recs)]
     prompts = [_render(cfg, policy, r) for r in recs]
@@ -174,7 +181,7 @@ def run_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
     from harness.judging.aggregate import aggregate
 
     spin = cfg.model.spin
-    policy = _load(cfg, model_before(cfg, lay, t))
+    policy = _load(cfg, model_before(cfg, lay, t), generation=True)
     rows = read_jsonl(lay.it(t) / "responses.jsonl")
     prompts, parts = [], []
     for row in rows:
@@ -212,7 +219,7 @@ def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
     from harness.judging.parse import parse_winner, strip_score
     from harness.judging.templates import meta_judge_text
 
-    policy = _load(cfg, model_before(cfg, lay, t))
+    policy = _load(cfg, model_before(cfg, lay, t), generation=True)
     rows = read_jsonl(lay.it(t) / "judged.jsonl")
     asks, keys = [], []  # one meta-judge prompt per (prompt, pair, order); results keyed by pair, never by position
     plan = {}

@@ -23,7 +23,7 @@ from harness import config as C
 from harness.determinism import derive_seed
 from harness.io import DataError, atomic_path, read_json
 from harness.losses import implicit_rewards, preference_loss, sequence_logps, sft_loss
-from harness.packing import first_fit, pack, packed_logps
+from harness.packing import first_fit, pack, packed_logps, token_logps
 from harness.progress import progress
 
 
@@ -108,15 +108,15 @@ def pack_pairs(ch, rj, pad_id: int, dtype=torch.float32):
     return ids, position_ids, mask, (idx["cp"], idx["ct"], cm), (idx["rp"], idx["rt"], rm)
 
 
-def _gathered_logps(logits, pred, tgt, mask, average: bool):
-    """Masked sum (or mean) of log p(tgt | logits at pred) per row."""
-    rows = []
-    for lg, p, t, m in zip(logits, pred, tgt, mask):
-        sel = lg[p].float()
-        lp = sel.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(sel, dim=-1)
-        rows.append(torch.where(m, lp, torch.zeros_like(lp)).sum())
-    total = torch.stack(rows)
-    return total / mask.sum(1).clamp(min=1) if average else total
+def _packed_pair_logps(model, ids, pos, amask, c, r):
+    """Summed log-probs of the chosen and rejected responses of packed rows, and their token counts; the LM head
+    runs only on the positions that predict a response token (harness.packing.token_logps)."""
+    n, t_n = ids.shape
+    rows = torch.arange(n)[:, None]
+    flat = [((rows * t_n + p)[m], t[m], rows.expand_as(p)[m] + k * n) for k, (p, t, m) in enumerate((c, r))]
+    lp = token_logps(model, ids, amask, pos, torch.cat([f[0] for f in flat]), torch.cat([f[1] for f in flat]))
+    total = torch.zeros(2 * n, dtype=lp.dtype).index_add(0, torch.cat([f[2] for f in flat]), lp)
+    return total[:n], total[n:], c[2].sum(1).to(lp.dtype), r[2].sum(1).to(lp.dtype)
 
 
 def pair_logps(model, ch: list[Encoded], rj: list[Encoded], pad_id: int, average: bool,
@@ -125,11 +125,11 @@ def pair_logps(model, ch: list[Encoded], rj: list[Encoded], pad_id: int, average
     micro-batch of pairs: packed (the prompt computed once per pair) when possible, else one padded batch."""
     packed = pack_pairs(ch, rj, pad_id, next(model.parameters()).dtype)
     if packed is not None:
-        ids, pos, amask, c, r = packed
-        logits = model(input_ids=ids, attention_mask=amask, position_ids=pos).logits
-        lc, lr = _gathered_logps(logits, *c, average), _gathered_logps(logits, *r, average)
-        sft = None if sft_average is None else lc if sft_average == average else _gathered_logps(logits, *c, sft_average)
-        return lc, lr, sft, c[2].sum(1).float(), r[2].sum(1).float()
+        sc, sr, nc, nr = _packed_pair_logps(model, *packed)
+        lc, lr = (sc / nc.clamp(min=1), sr / nr.clamp(min=1)) if average else (sc, sr)
+        sft = None if sft_average is None else lc if sft_average == average else (
+            sc / nc.clamp(min=1) if sft_average else sc)
+        return lc, lr, sft, nc, nr
     n = len(ch)
     ids, attn, mask = collate(ch + rj, pad_id)
     logits = _logits(model, ids, attn)
@@ -205,7 +205,7 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
     total = epochs * steps_per_epoch if max_steps == -1 else min(max_steps, epochs * steps_per_epoch)
     val_every = max(1, round(total * sr.val_check_interval)) if sr.val_check_interval < 1 else int(sr.val_check_interval)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(m.optim.betas), eps=m.optim.eps,
-                            weight_decay=m.optim.weight_decay)
+                            weight_decay=m.optim.weight_decay, fused=getattr(sys.modules[__name__], "FUSED_ADAM", False))
     start, history, resumed = 0, [], None
     if resume_dir is not None and _saved_key(resume_dir) == key:  # else: written for other inputs, ignored
         start, history, saved = _load_state(resume_dir, model, opt)
