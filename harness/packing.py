@@ -1,13 +1,15 @@
 """Packed sequences: several examples per row, each attending only to itself, at the positions it has alone.
 
-    rows = first_fit([len(s.ids) for s in seqs], capacity)       # example indices per row
-    p = pack([seqs[i] for i in ...], rows, pad_id)               # ids, position_ids, block-diagonal 4D mask
-    logps = packed_logps(model, p, average=True)                 # one value per example, as unpacked
+    rows = plan(seqs, batch, capacity)             # rows of trees of examples sharing a prefix
+    p = pack(seqs, rows, pad_id)                   # ids, position ids (depths), ancestor mask
+    logps = packed_logps(model, p, average=True)   # one value per example (p.examples), as if alone
 
 A padded batch of SFT examples (prompts of very different lengths: IFT answers, judge and meta-judge prompts) is
-mostly padding; packed rows are mostly real tokens. The block-diagonal causal mask and restarted position ids make
-each example's log-probs those of the example alone (tests/test_packing.py), and the LM head runs only on the
-positions that predict a scored token (the prompt's logits are never needed).
+mostly padding; packed rows are mostly real tokens. Examples that share a prefix (the system turn, the judge
+template, the same question judged for several answers) hold it once: the tokens of a row form a forest, each token
+attends to its ancestors only, at its depth as position, so each example's log-probs and gradients are those of the
+example alone (tests/test_packing.py; the shared prefix's gradient is the sum of the examples', as unpacked). The LM
+head runs only on positions that predict a scored token (the prompt's logits are never needed).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Packed", "first_fit", "hidden_and_head", "pack", "packed_logps", "token_logps"]
+__all__ = ["Packed", "first_fit", "hidden_and_head", "pack", "packed_logps", "plan", "token_logps"]
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -36,43 +38,86 @@ def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def _lcp(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def plan(seqs, items: list[int], capacity: int) -> list[list[list[int]]]:
+    """Rows of trees of the examples `items` (indices into seqs): sorted by their tokens, consecutive examples that
+    share a prefix form a tree holding that prefix once (at most `capacity` tokens in all), and the trees go into
+    rows of `capacity` tokens, first-fit decreasing. A row is a list of trees, a tree a list of example indices."""
+    order = sorted(items, key=lambda i: (seqs[i].ids, i))
+    trees, sizes, prev = [], [], None
+    for i in order:
+        ids = seqs[i].ids
+        cost = len(ids) - (_lcp(seqs[prev].ids, ids) if prev is not None else 0)
+        if trees and sizes[-1] + cost <= capacity:
+            trees[-1].append(i)
+            sizes[-1] += cost
+        else:
+            trees.append([i])
+            sizes.append(len(ids))
+        prev = i
+    return [[trees[t] for t in row] for row in first_fit(sizes, capacity)]
+
+
 @dataclass
 class Packed:
     ids: torch.Tensor  # [R, T]
-    position_ids: torch.Tensor  # [R, T], restarting at 0 for every example
-    mask: torch.Tensor  # [R, 1, T, T] additive: 0 where allowed, dtype's min elsewhere
+    position_ids: torch.Tensor  # [R, T]: a token's depth in its tree, so each example sees its own positions
+    mask: torch.Tensor  # [R, 1, T, T] additive: 0 where a token sees an ancestor (or itself), dtype's min elsewhere
     pred: torch.Tensor  # [N] flat positions (into R*T) whose logits predict a scored token
     target: torch.Tensor  # [N] the scored token ids
-    example: torch.Tensor  # [N] which example each scored token belongs to
+    example: torch.Tensor  # [N] which example (0..n_examples-1, in the order of `examples`) each belongs to
+    examples: list[int]  # the examples packed, as indices into seqs
     n_examples: int
 
 
-def pack(seqs, rows: list[list[int]], pad_id: int, dtype: torch.dtype = torch.float32) -> Packed:
-    """seqs: objects with .ids and .mask (1 on scored tokens), e.g. train.Encoded; rows: indices into seqs."""
-    t_n = max(sum(len(seqs[i].ids) for i in row) for row in rows)
-    r_n = len(rows)
+def pack(seqs, rows: list[list[list[int]]], pad_id: int, dtype: torch.dtype = torch.float32) -> Packed:
+    """Rows of trees (plan) as tensors. In a tree of examples sorted by tokens, example k shares its first
+    lcp(k-1, k) tokens with the previous one (the longest prefix it shares with any earlier one), so each token is
+    written once and attends exactly to the tokens of its own example before it: its log-probs and gradients are
+    those of the example alone. seqs: objects with .ids and .mask (1 on scored tokens), e.g. train.Encoded."""
+    laid = []  # per row: (token ids, depths, [(example, node of each of its tokens)])
+    for row in rows:
+        toks, depth, paths = [], [], []
+        for tree in row:
+            path: list[int] = []
+            prev = None
+            for i in tree:
+                ids = seqs[i].ids
+                keep = _lcp(seqs[prev].ids, ids) if prev is not None else 0
+                path = path[:keep] + list(range(len(toks), len(toks) + len(ids) - keep))
+                toks += ids[keep:]
+                depth += list(range(keep, len(ids)))
+                paths.append((i, path))
+                prev = i
+        laid.append((toks, depth, paths))
+    r_n, t_n = len(rows), max(len(x[0]) for x in laid)
     ids = torch.full((r_n, t_n), pad_id, dtype=torch.long)
     pos = torch.zeros((r_n, t_n), dtype=torch.long)
-    seg = torch.full((r_n, t_n), -1, dtype=torch.long)  # example index per position, -1 on padding
-    pred, target, example = [], [], []
-    for r, row in enumerate(rows):
-        at = 0
-        for i in row:
-            s, n = seqs[i], len(seqs[i].ids)
-            ids[r, at:at + n] = torch.tensor(s.ids)
-            pos[r, at:at + n] = torch.arange(n)
-            seg[r, at:at + n] = i
-            scored = [k for k in range(1, n) if s.mask[k]]  # position 0 is never a target
-            pred += [r * t_n + at + k - 1 for k in scored]
+    allowed = torch.eye(t_n, dtype=torch.bool).repeat(r_n, 1, 1)  # padding sees itself: no empty softmax row
+    pred, target, example, examples = [], [], [], []
+    for r, (toks, depth, paths) in enumerate(laid):
+        ids[r, :len(toks)] = torch.tensor(toks)
+        pos[r, :len(toks)] = torch.tensor(depth)
+        for i, path in paths:
+            p = torch.tensor(path)
+            allowed[r, p[:, None], p[None, :]] |= torch.ones(len(path), len(path), dtype=torch.bool).tril()
+            s = seqs[i]
+            scored = [k for k in range(1, len(s.ids)) if s.mask[k]]  # position 0 is never a target
+            pred += [r * t_n + path[k - 1] for k in scored]
             target += [s.ids[k] for k in scored]
-            example += [i] * len(scored)
-            at += n
-    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
-    causal = pos[:, :, None] >= pos[:, None, :]
-    allowed = (same & causal) | torch.eye(t_n, dtype=torch.bool)  # padding sees itself: no empty softmax row
+            example += [len(examples)] * len(scored)
+            examples.append(i)
     mask = torch.zeros((r_n, 1, t_n, t_n), dtype=dtype).masked_fill(~allowed.unsqueeze(1), torch.finfo(dtype).min)
     return Packed(ids, pos, mask, torch.tensor(pred, dtype=torch.long), torch.tensor(target, dtype=torch.long),
-                  torch.tensor(example, dtype=torch.long), len(seqs))
+                  torch.tensor(example, dtype=torch.long), examples, len(examples))
 
 
 def hidden_and_head(model):
