@@ -54,16 +54,21 @@ class Tracker:
         self.client, self.run_id, self.parent_id = client, run_id, parent_id
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, *, parent: bool = False) -> None:
+        self._log_rows([(metrics, step)], parent)
+
+    def log_history(self, history: list[dict]) -> None:
+        """Every step's metrics in batches of 900 (one database transaction each, not one per step)."""
+        self._log_rows([({k: v for k, v in row.items() if "/" in k or k in ("lr", "grad_norm")}, row["step"])
+                        for row in history], False)
+
+    def _log_rows(self, rows: list[tuple[dict, int]], parent: bool) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        rows = [Metric(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        for i in range(0, len(rows), 900):  # MLflow caps a batch at 1000 metrics
-            self.client.log_batch(self.parent_id if parent else self.run_id, metrics=rows[i:i + 900])
-
-    def log_history(self, history: list[dict]) -> None:
-        for row in history:
-            self.log_metrics({k: v for k, v in row.items() if "/" in k or k in ("lr", "grad_norm")}, step=row["step"])
+        out = [Metric(k, float(v), ts, step) for metrics, step in rows for k, v in metrics.items()
+               if isinstance(v, (int, float))]
+        for i in range(0, len(out), 900):  # MLflow caps a batch at 1000 metrics
+            self.client.log_batch(self.parent_id if parent else self.run_id, metrics=out[i:i + 900])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None, *, parent: bool = False) -> None:
         if Path(path).exists():
@@ -98,8 +103,7 @@ class Tracker:
             DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
     def set_tags(self, tags: dict[str, str], *, parent: bool = False) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.parent_id if parent else self.run_id, k, str(v))
+        _set_tags(self.client, self.parent_id if parent else self.run_id, tags)
 
 
 def _find_or_create(client, exp_id: str, filt: str, tags: dict, name: str) -> tuple[str, bool]:
@@ -220,8 +224,14 @@ def _log_params(client, run_id: str, cfg: C.Config) -> None:
         client.log_batch(run_id, params=params[i:i + 90])
     tags = {**git_info(), "params_hash": C.params_hash(cfg)}
     tags.update({f"env.{k}": str(v) for k, v in fingerprint().items()})
-    for k, v in tags.items():
-        client.set_tag(run_id, k, v)
+    _set_tags(client, run_id, tags)
+
+
+def _set_tags(client, run_id: str, tags: dict) -> None:
+    """All tags in one batch (one database transaction, not one per tag)."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def file_tag(path: str | Path) -> str:
