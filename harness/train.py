@@ -333,12 +333,15 @@ def reference_logps(policy, ch: list[Encoded], rj: list[Encoded], average: bool,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of chosen and rejected responses under the policy as it is now (the reference M_t)."""
     out_c, out_r = [], []
+    bar = progress(len(ch), "reference log-probs", "pair")
     with torch.inference_mode(), policy.autocast():
         for i in range(0, len(ch), batch):
             c, r, *_ = pair_logps(policy.model, ch[i:i + batch], rj[i:i + batch], policy.tokenizer.pad_token_id,
                                   average)
             out_c.append(c)
             out_r.append(r)
+            bar.update(len(c))
+    bar.close()
     return (torch.cat(out_c), torch.cat(out_r)) if out_c else (torch.zeros(0), torch.zeros(0))
 
 
