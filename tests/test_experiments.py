@@ -20,16 +20,19 @@ def test_named_file_runs_as_a_dvc_experiment(tmp_project):
     out = run(["harness", "exp", "run", "experiments/smoke.yaml", "-n", "smoke-sft-only", *SMALL], proj)
     assert "Running stage 'sft'" in out.stdout and "Running stage 'report'" in out.stdout
     assert "max_iterations: 1" in (proj / "params.yaml").read_text()
-    assert "generate" not in (proj / "dvc.yaml").read_text()  # the graph follows the config: SFT only
+    assert "Running stage 'generate" not in out.stdout  # the graph follows the config: SFT only
     shown = json.loads(run(["dvc", "exp", "show", "--json"], proj).stdout)
     exps = {e["name"]: e for rev in shown for e in (rev.get("experiments") or []) for e in e["revs"]}
     exp = exps["smoke-sft-only"]
     params = exp["data"]["params"]["params.yaml"]["data"]
     assert params["trainer"]["self_rewarding"]["max_iterations"] == 1 and params["model"]["sft"]["baseline"] is False
     assert "runs/iter0/eval.json" in exp["data"]["metrics"]
-    # the same experiment again: nothing to compute, no name conflict
-    again = run(["harness", "exp", "run", "experiments/smoke.yaml", "-n", "smoke-sft-only", *SMALL], proj)
+    # the same configuration under another name: every stage comes from DVC's cache, nothing is computed
+    again = run(["harness", "exp", "run", "experiments/smoke.yaml", "-n", "smoke-again", *SMALL], proj)
     assert "Running stage" not in again.stdout
+    # a name is DVC's to keep: reusing it is refused (-f overwrites, recomputing) and the command fails
+    p = run(["harness", "exp", "run", "experiments/smoke.yaml", "-n", "smoke-sft-only", *SMALL], proj, check=False)
+    assert p.returncode != 0 and "conflicts with existing experiment" in p.stderr + p.stdout
 
 
 def test_a_bad_key_fails_before_anything_is_written(tmp_project):
