@@ -44,16 +44,26 @@ def _setup(args) -> tuple[C.Config, object]:
     from harness.layout import Layout, log_dir
 
     cfg = load_config(args)
-    random.seed(cfg.seed)  # torch is set up where a model is first loaded or built (determinism.torch_ready)
+    if cfg.trainer.devices * cfg.trainer.num_nodes > 1:  # data parallel (torch is needed then anyway)
+        from harness import parallel
+
+        if parallel.needs_launch(cfg):  # trainer.devices > 1 outside torchrun: run this command under torchrun
+            sys.exit(parallel.relaunch(cfg, args.argv))
+        parallel.setup(cfg)
+    random.seed(cfg.seed)  # torch is set up where a model is first loaded or built (_torch)
     return cfg, Layout(Path(args.root) if args.root else log_dir(cfg))
 
 
 def _torch(cfg: C.Config) -> None:
-    """torch's import, threads and seeds, counted as model loading: stages without a model skip it."""
+    """torch's import, threads, seeds and device (harness.parallel), counted as model loading: stages without a model
+    skip it."""
     from harness.determinism import torch_ready
 
     with CLOCK.phase("load"):
         torch_ready(cfg.seed)
+        from harness import parallel
+
+        parallel.setup(cfg)
 
 
 def _iteration(cfg: C.Config, t: int, *, sft: bool = False) -> int:
@@ -263,6 +273,17 @@ def cmd_sweep(args) -> int:
     return 0 if out.get("best_trial") is not None else 1
 
 
+def cmd_export_nemo(args) -> int:
+    from harness.models import nemo
+    from harness.models.base import load_policy
+
+    cfg, _ = _setup(args)
+    policy = load_policy(args.src, backend=cfg.model.backend)
+    nemo.write(policy, args.out, policy.config)
+    print(f"wrote {args.out}")
+    return 0
+
+
 STAGES = ("generate", "judge", "meta_judge", "pairs", "train", "evaluate")
 
 
@@ -312,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp_run.add_argument("--queue", action="store_true", help="queue it (`dvc queue start` runs the queue)")
     exp_run.add_argument("--repro", action="store_true", help="plain `dvc repro` in the workspace instead")
     exp_run.set_defaults(func=cmd_exp_run)
+    ex = sub.add_parser("export-nemo", help="write a checkpoint (HF directory or .nemo) as a .nemo archive")
+    ex.add_argument("src", help="checkpoint directory or .nemo")
+    ex.add_argument("out", help="the .nemo archive to write")
+    _add_config_args(ex)
+    ex.set_defaults(func=cmd_export_nemo, root=None)
     sw = sub.add_parser("sweep", help="Optuna study over the pipeline: each trial a `dvc repro` sharing DVC's cache")
     sw.add_argument("space", help="search-space YAML (see experiments/sweep.yaml)")
     sw.add_argument("--n-trials", type=int, default=None, help="total trials in the study (default: the space file's)")
@@ -330,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may also follow the options (`harness sweep space.yaml --n-jobs 2 seed=3`), as in NeMo's commands.
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv  # for a relaunch under torchrun (trainer.devices > 1)
     stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
-import importlib.util
 import json
 import re
 import types
@@ -48,7 +47,10 @@ class SelfRewardingTrainer:
 
 @dataclass
 class Trainer:
-    precision: str = "32"  # honoured: "32" (fp32) or "bf16"; the CPU default is fp32 for bit-identical reruns
+    precision: str = "32"  # "32" (fp32) or bf16 (bf16 compute over fp32 weights); fp32 keeps CPU reruns bit-identical
+    devices: int = 1  # processes per node (torchrun --nproc_per_node): data parallel x tensor parallel
+    num_nodes: int = 1
+    accelerator: str = "auto"  # auto (cuda when present) | cpu | gpu
     self_rewarding: SelfRewardingTrainer = field(default_factory=SelfRewardingTrainer)
 
 
@@ -176,6 +178,8 @@ class SftStage:
 @dataclass
 class Model:
     backend: str = "hf"  # hf (transformers) | mcore (megatron-core GPTModel)
+    tensor_model_parallel_size: int = 1  # mcore only; data parallel = devices x num_nodes / this
+    pipeline_model_parallel_size: int = 1  # must be 1: no pipeline parallelism here
     micro_batch_size: int = 1
     global_batch_size: int = 64
     encoder_seq_length: int = 4096
@@ -219,7 +223,7 @@ class Config:
 
 # Keys that only mean something to Megatron/NeMo launchers: accepted, reported once, never fatal.
 LAUNCHER_ONLY = (
-    "trainer.num_nodes", "trainer.devices", "trainer.accelerator", "trainer.logger", "trainer.enable_checkpointing",
+    "trainer.logger", "trainer.enable_checkpointing",
     "trainer.use_distributed_sampler", "trainer.self_rewarding.trt_llm.max_input_len",
     "trainer.self_rewarding.trt_llm.generation_batch_size", "trainer.self_rewarding.trt_llm.*",
     "exp_manager.create_wandb_logger", "exp_manager.wandb_logger_kwargs.*", "exp_manager.resume_from_checkpoint",
@@ -228,7 +232,7 @@ LAUNCHER_ONLY = (
     "model.spin.sampling_params.add_BOS", "model.spin.sampling_params.all_probs",
     "model.spin.sampling_params.compute_logprob", "exp_manager.log_step_timing", "exp_manager.create_tensorboard_logger",
     "model.mcore_gpt", "model.megatron_amp_O2", "model.sequence_parallel", "model.apply_rope_fusion",
-    "model.tensor_model_parallel_size", "model.pipeline_model_parallel_size", "model.precision",
+    "model.precision",
     "model.activations_checkpoint_granularity", "model.activations_checkpoint_method",
     "model.activations_checkpoint_num_layers", "model.gradient_as_bucket_view", "model.bias_activation_fusion",
     "model.masked_softmax_fusion", "model.dist_ckpt_*", "model.optim.bucket_cap_mb", "model.optim.overlap_grad_sync",
@@ -475,13 +479,23 @@ def validate(cfg: Config) -> None:
            f"trainer.precision: one of {', '.join(PRECISIONS)}, got {cfg.trainer.precision!r}"
            + (" (fp16 needs a loss scaler, which this harness does not build: use bf16)"
               if cfg.trainer.precision in ("16", "16-mixed") else ""))
+    _check(cfg.trainer.devices >= 1, f"trainer.devices: must be >= 1, got {cfg.trainer.devices}")
+    _check(cfg.trainer.num_nodes >= 1, f"trainer.num_nodes: must be >= 1, got {cfg.trainer.num_nodes}")
+    _check(cfg.trainer.accelerator in ("auto", "cpu", "gpu", "cuda"),
+           f"trainer.accelerator: one of auto, cpu, gpu, got {cfg.trainer.accelerator!r}")
+    tp = cfg.model.tensor_model_parallel_size
+    _check(tp >= 1, f"model.tensor_model_parallel_size: must be >= 1, got {tp}")
+    _check(tp == 1 or cfg.model.backend == "mcore", f"model.tensor_model_parallel_size={tp}: needs model.backend=mcore")
+    _check((cfg.trainer.devices * cfg.trainer.num_nodes) % tp == 0,
+           f"model.tensor_model_parallel_size={tp}: must divide trainer.devices x trainer.num_nodes "
+           f"({cfg.trainer.devices * cfg.trainer.num_nodes})")
+    _check(cfg.model.pipeline_model_parallel_size == 1,
+           "model.pipeline_model_parallel_size: must be 1 (no pipeline parallelism here; use tensor parallelism)")
     _check(m.micro_batch_size >= 1, f"model.micro_batch_size: must be >= 1, got {m.micro_batch_size}")
     _check(m.global_batch_size >= m.micro_batch_size and m.global_batch_size % m.micro_batch_size == 0,
            f"model.global_batch_size: must be a multiple of model.micro_batch_size ({m.micro_batch_size}), "
            f"got {m.global_batch_size}")
     _check(m.backend in ("hf", "mcore"), f"model.backend: one of hf, mcore, got {m.backend!r}")
-    _check(m.backend != "mcore" or importlib.util.find_spec("harness.models.mcore") is not None,
-           "model.backend=mcore: the megatron-core backend is not built yet; use model.backend=hf")
     _check(m.optim.lr > 0, f"model.optim.lr: must be > 0, got {m.optim.lr}")
     _check(len(m.optim.betas) == 2 and all(0 <= b < 1 for b in m.optim.betas),
            f"model.optim.betas: two numbers in [0, 1), got {m.optim.betas}")

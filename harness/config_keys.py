@@ -9,6 +9,9 @@ from harness import config as C
 MEANING = {
     "seed": "root seed; every sample's RNG derives from (seed, iteration, prompt id, sample id)",
     "trainer.precision": "32 (fp32, bit-identical on CPU), or bf16 / bf16-mixed (bf16 compute over fp32 weights); 16 is refused",
+    "trainer.devices": "processes per node (torchrun --nproc_per_node); > 1 relaunches the stage under torchrun",
+    "trainer.num_nodes": "nodes (torchrun --nnodes); world size = devices x num_nodes = data x tensor parallel",
+    "trainer.accelerator": "auto (cuda when present), cpu or gpu",
     "trainer.self_rewarding.max_iterations": "iterations in all, counting the SFT iteration 0 when first_iteration_sft",
     "trainer.self_rewarding.max_epochs": "passes over each iteration's preference pairs",
     "trainer.self_rewarding.max_steps": "optimizer steps per iteration; -1 = max_epochs over the pairs",
@@ -23,6 +26,8 @@ MEANING = {
     "exp_manager.name": "experiment name: log dir name and MLflow run name",
     "pretrained_checkpoint.restore_from_path": "local Hugging Face model dir (safetensors); null = tiny embedded model",
     "model.backend": "hf (transformers) or mcore (megatron-core GPTModel)",
+    "model.tensor_model_parallel_size": "Megatron tensor parallel size (mcore only); data parallel = world size / it",
+    "model.pipeline_model_parallel_size": "Megatron pipeline parallel size; only 1 is supported",
     "model.micro_batch_size": "sequences (pairs for DPO) per forward/backward",
     "model.global_batch_size": "samples per optimizer step (gradient accumulation = global / micro)",
     "model.encoder_seq_length": "model context: caps every max_seq_length (longer sequences lose the start of their prompt)",

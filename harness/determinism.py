@@ -93,7 +93,7 @@ def fingerprint() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     # Versions from package metadata: importing megatron-core just to read __version__ costs seconds and warnings.
-    for dist in ("transformers", "megatron-core", "tokenizers", "safetensors"):
+    for dist in ("transformers", "megatron-core", "transformer-engine", "tokenizers", "safetensors"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:  # a missing optional package is a fact, not an error

@@ -21,8 +21,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; it replaces `path` only if the block finishes.
 
     A crash (or SIGKILL) leaves the old file or no file, never a half-written one. Works for files and directories.
+    Under torchrun only global rank 0 commits: the other ranks write into a scratch folder that is then deleted.
     """
     path = Path(path)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: only global rank 0 writes (the ranks' results are equal)
+        with tempfile.TemporaryDirectory() as scratch:
+            yield Path(scratch) / path.name
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed earlier

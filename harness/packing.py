@@ -78,7 +78,8 @@ class Packed:
     n_examples: int
 
 
-def pack(seqs, rows: list[list[list[int]]], pad_id: int, dtype: torch.dtype = torch.float32) -> Packed:
+def pack(seqs, rows: list[list[list[int]]], pad_id: int, dtype: torch.dtype = torch.float32,
+         device: torch.device | str = "cpu") -> Packed:
     """Rows of trees (plan) as tensors. In a tree of examples sorted by tokens, example k shares its first
     lcp(k-1, k) tokens with the previous one (the longest prefix it shares with any earlier one), so each token is
     written once and attends exactly to the tokens of its own example before it: its log-probs and gradients are
@@ -116,8 +117,8 @@ def pack(seqs, rows: list[list[list[int]]], pad_id: int, dtype: torch.dtype = to
             example += [len(examples)] * len(scored)
             examples.append(i)
     mask = torch.zeros((r_n, 1, t_n, t_n), dtype=dtype).masked_fill(~allowed.unsqueeze(1), torch.finfo(dtype).min)
-    return Packed(ids, pos, mask, torch.tensor(pred, dtype=torch.long), torch.tensor(target, dtype=torch.long),
-                  torch.tensor(example, dtype=torch.long), examples, len(examples))
+    longs = [torch.tensor(x, dtype=torch.long) for x in (pred, target, example)]
+    return Packed(*(x.to(device) for x in (ids, pos, mask, *longs)), examples, len(examples))
 
 
 def hidden_and_head(model):
@@ -146,8 +147,8 @@ def token_logps(model, ids, attention_mask, position_ids, pred: torch.Tensor, ta
 def packed_logps(model, p: Packed, average: bool) -> torch.Tensor:
     """[n_examples] masked sum (or mean) of each example's scored-token log-probs, as if it were alone."""
     lp = token_logps(model, p.ids, p.mask, p.position_ids, p.pred, p.target)
-    total = torch.zeros(p.n_examples, dtype=lp.dtype).index_add(0, p.example, lp)
+    total = torch.zeros(p.n_examples, dtype=lp.dtype, device=lp.device).index_add(0, p.example, lp)
     if not average:
         return total
-    count = torch.zeros(p.n_examples, dtype=lp.dtype).index_add(0, p.example, torch.ones_like(lp))
+    count = torch.zeros_like(total).index_add(0, p.example, torch.ones_like(lp))
     return total / count.clamp(min=1)

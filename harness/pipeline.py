@@ -16,8 +16,8 @@ import yaml
 
 from harness import config as C
 
-_MODEL = ["seed", "model.backend", "trainer.precision", "model.encoder_seq_length", "model.data.prompt_format",
-          "model.data.chat_prompt_tokens"]
+_MODEL = ["seed", "model.backend", "trainer.precision", "trainer.accelerator", "model.tensor_model_parallel_size",
+          "model.encoder_seq_length", "model.data.prompt_format", "model.data.chat_prompt_tokens"]
 _GEN = ["model.spin.sampling_params", "model.spin.length_params", "model.spin.rollout_micro_batch_size"]
 _JUDGE = ["model.spin.judge_template", "model.spin.llm_judge_prompt", "model.spin.judge_score_low",
           "model.spin.judge_score_high", "model.spin.judge_reward_regex"]
@@ -25,7 +25,7 @@ _LOOP = ["model.micro_batch_size", "model.global_batch_size", "model.optim.betas
          "model.optim.weight_decay", "model.optim.sched", "trainer.self_rewarding.limit_train_batches",
          "trainer.self_rewarding.limit_val_batches", "trainer.self_rewarding.val_check_interval",
          "trainer.self_rewarding.save_interval", "trainer.self_rewarding.gradient_clip_val",
-         "model.data.validation_ds"]
+         "model.data.validation_ds", "trainer.devices", "trainer.num_nodes"]
 
 STAGE_PARAMS: dict[str, list[str]] = {
     "prepare": ["seed", "world", "model.tiny", "pretrained_checkpoint.restore_from_path", "model.data.train_ds.file_path",
@@ -50,7 +50,7 @@ STAGE_PARAMS: dict[str, list[str]] = {
 }
 
 _BASE_CODE = ["harness/config.py", "harness/io.py", "harness/determinism.py", "harness/layout.py", "harness/stages.py",
-              "harness/cli.py", "harness/data/sft.py"]
+              "harness/cli.py", "harness/data/sft.py", "harness/parallel.py"]
 _MODEL_CODE = ["harness/models", "harness/generation"]
 STAGE_CODE: dict[str, list[str]] = {
     "prepare": ["harness/data/world.py", "harness/models", "harness/judging/templates.py"],

@@ -189,7 +189,7 @@ def stage_run(cfg: C.Config, stage: str, iteration: int | None = None, *, finish
               ) -> Iterator[Deferred | None]:
     """Attach this stage to the pipeline's parent run (and the iteration's child) when its work is done, and log
     what it recorded; on any error, attach and mark both runs FAILED."""
-    if not cfg.tracking.enabled:
+    if not cfg.tracking.enabled or int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 logs for all
         yield None
         return
     from harness.timing import CLOCK

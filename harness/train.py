@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from harness import config as C
+from harness import parallel as P
 from harness.determinism import derive_seed
 from harness.io import DataError, atomic_path, read_json
 from harness.losses import implicit_rewards, preference_loss, sequence_logps, sft_loss
@@ -55,7 +56,7 @@ def collate(seqs: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
         ids[i, : len(s.ids)] = torch.tensor(s.ids)
         attn[i, : len(s.ids)] = 1
         mask[i, : len(s.ids)] = torch.tensor(s.mask, dtype=torch.float32)
-    return ids, attn, mask
+    return P.to_device(ids, attn, mask)
 
 
 def lr_at(step: int, total: int, lr: float, sched: C.Sched) -> float:
@@ -105,17 +106,17 @@ def pack_pairs(ch, rj, pad_id: int, dtype=torch.float32):
         idx["rt"][b, :lr] = ids[b, lp + lc:n]
         cm[b, :lc], rm[b, :lr] = True, True
     mask = torch.zeros((b_n, 1, t_n, t_n), dtype=dtype).masked_fill(~allowed.unsqueeze(1), torch.finfo(dtype).min)
-    return ids, position_ids, mask, (idx["cp"], idx["ct"], cm), (idx["rp"], idx["rt"], rm)
+    return P.to_device(ids, position_ids, mask, (idx["cp"], idx["ct"], cm), (idx["rp"], idx["rt"], rm))
 
 
 def _packed_pair_logps(model, ids, pos, amask, c, r):
     """Summed log-probs of the chosen and rejected responses of packed rows, and their token counts; the LM head
     runs only on the positions that predict a response token (harness.packing.token_logps)."""
     n, t_n = ids.shape
-    rows = torch.arange(n)[:, None]
+    rows = torch.arange(n, device=ids.device)[:, None]
     flat = [((rows * t_n + p)[m], t[m], rows.expand_as(p)[m] + k * n) for k, (p, t, m) in enumerate((c, r))]
     lp = token_logps(model, ids, amask, pos, torch.cat([f[0] for f in flat]), torch.cat([f[1] for f in flat]))
-    total = torch.zeros(2 * n, dtype=lp.dtype).index_add(0, torch.cat([f[2] for f in flat]), lp)
+    total = torch.zeros(2 * n, dtype=lp.dtype, device=lp.device).index_add(0, torch.cat([f[2] for f in flat]), lp)
     return total[:n], total[n:], c[2].sum(1).to(lp.dtype), r[2].sum(1).to(lp.dtype)
 
 
@@ -204,11 +205,7 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
     steps_per_epoch = max(1, math.ceil(math.ceil(n_items / gbs) * sr.limit_train_batches))
     total = epochs * steps_per_epoch if max_steps == -1 else min(max_steps, epochs * steps_per_epoch)
     val_every = max(1, round(total * sr.val_check_interval)) if sr.val_check_interval < 1 else int(sr.val_check_interval)
-    params = list(model.parameters())
-    # fused: one kernel for all tensors' Adam updates (CPU and CUDA), deterministic; ~3% of a tiny model's step
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(m.optim.betas), eps=m.optim.eps,
-                            weight_decay=m.optim.weight_decay, fused=fused)
+    opt = P.optimizer(model, lr=lr, betas=tuple(m.optim.betas), eps=m.optim.eps, weight_decay=m.optim.weight_decay)
     start, history, resumed = 0, [], None
     if resume_dir is not None and _saved_key(resume_dir) == key:  # else: written for other inputs, ignored
         start, history, saved = _load_state(resume_dir, model, opt)
@@ -236,7 +233,8 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
             group["lr"] = lr_at(step, total, lr, m.optim.sched)
         opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        micro = micro_batches(batch) if micro_batches else [batch[i:i + mbs] for i in range(0, len(batch), mbs)]
+        mine = P.shard(batch)  # this data-parallel rank's part of the global batch (all of it with one rank)
+        micro = micro_batches(mine) if micro_batches else [mine[i:i + mbs] for i in range(0, len(mine), mbs)]
         for mb in micro:
             with policy.autocast():  # forward only: backward follows the forward's dtypes
                 loss, metrics = step_fn(mb, len(batch))
@@ -244,10 +242,10 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
             for name, v in metrics.items():
                 sums[name] = sums.get(name, 0.0) + v
         clip = sr.gradient_clip_val if sr.gradient_clip_val > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        grad_norm = opt.clip_grad_norm_(clip)  # gradients summed over data-parallel ranks first
         opt.step()
         row = {"step": step + 1, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
-        row.update({name: v / len(batch) for name, v in sums.items()})
+        row.update({name: v / len(batch) for name, v in P.all_sum(sums).items()})
         history.append(row)
         items += len(batch)
         bar.update(1, loss=row.get("train/loss", float("nan")), items_per_s=items / (time.perf_counter() - t0))
@@ -312,7 +310,8 @@ def train_sft(policy, examples: list[tuple[str, str]], cfg: C.Config, *, validat
         return [rows[i:i + mbs] for i in range(0, len(rows), mbs)]
 
     def packed_step(rows: list[list[list[int]]], batch_size: int):
-        nll = -packed_logps(policy.model, pack(enc, rows, pad, next(policy.model.parameters()).dtype), average=True)
+        packed = pack(enc, rows, pad, next(policy.model.parameters()).dtype, device=P.current().device)
+        nll = -packed_logps(policy.model, packed, average=True)
         return nll.sum() / batch_size, {"train/loss": float(nll.detach().sum())}
 
     def step_fn(idx: list[int], batch_size: int):
@@ -404,19 +403,20 @@ def train_dpo(policy, pairs: list[dict], cfg: C.Config, *, iteration: int, valid
             cache.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(cache) as tmp:
                 save_file(state, str(tmp), metadata={"key": key})
-    scores = torch.tensor([[p["chosen_score"], p["rejected_score"]] for p in pairs], dtype=torch.float32)
+    scores = torch.tensor([[p["chosen_score"], p["rejected_score"]] for p in pairs], dtype=torch.float32,
+                          device=P.current().device)
 
     def step_fn(idx: list[int], batch_size: int):
         n = len(idx)
         c_logps, r_logps, sft_logps, c_len, r_len = pair_logps(
             policy.model, [ch[i] for i in idx], [rj[i] for i in idx], pad, avg,
             sft_avg if spin.sft_loss_weight else None)  # chosen and rejected in one forward
-        c_ratio = c_logps - state["ref_chosen"][idx]
-        r_ratio = r_logps - state["ref_rejected"][idx]
+        c_ratio = c_logps - state["ref_chosen"][idx].to(c_logps.device)  # cached/resumed on CPU
+        r_ratio = r_logps - state["ref_rejected"][idx].to(r_logps.device)
         pref = preference_loss(spin.preference_loss, chosen_logratio=c_ratio, rejected_logratio=r_ratio,
                                chosen_score=scores[idx, 0], rejected_score=scores[idx, 1], beta=beta,
                                gt_reward_scale=spin.gt_reward_scale)
-        sft = -sft_logps if spin.sft_loss_weight else torch.zeros(n)
+        sft = -sft_logps if spin.sft_loss_weight else torch.zeros(n, device=pref.device)
         per_sample = spin.preference_loss_weight * pref + spin.sft_loss_weight * sft
         rc, rr = implicit_rewards(c_ratio.detach(), r_ratio.detach(), beta)
         metrics = {

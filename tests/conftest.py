@@ -76,7 +76,7 @@ def mlflow_server(tmp_path_factory):
          "--backend-store-uri", f"sqlite:///{d}/mlflow.db", "--artifacts-destination", str(d / "artifacts"),
          "--workers", "1"], env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    for _ in range(120):
+    for _ in range(360):  # its first start migrates the sqlite schema: slow on a loaded 2-core machine
         try:
             urllib.request.urlopen(f"{uri}/health", timeout=1)
             break

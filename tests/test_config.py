@@ -56,16 +56,18 @@ def test_terminal_overrides_resolve():
     assert cfg.model.spin.length_params.max_length == 2048 and cfg.model.data.train_ds.max_seq_length == 4096
     assert cfg.model.spin.ref_policy_kl_penalty == 0.1 and cfg.model.spin.use_meta_judge is False
     assert cfg.model.global_batch_size == 64 and cfg.model.micro_batch_size == 1
-    # launcher-only keys are reported in one line, never fatal
+    # launcher-only keys are reported in one line, never fatal; trainer.devices is honoured (torchrun processes)
     assert len(msgs) == 1
-    for key in ("trainer.devices", "model.sequence_parallel", "exp_manager.wandb_logger_kwargs.project"):
+    for key in ("model.sequence_parallel", "exp_manager.wandb_logger_kwargs.project"):
         assert key in msgs[0]
+    assert cfg.trainer.devices == 8 and "trainer.devices" not in msgs[0]
 
 
 def test_slurm_overrides_resolve_quoted_path():
     cfg = C.load(None, SLURM, warn=None)
     assert cfg.pretrained_checkpoint.restore_from_path == "/ckpt/megatron_gpt_sft.nemo"
     assert cfg.trainer.self_rewarding.max_iterations == 3
+    assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (4, 8)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -113,8 +115,13 @@ BAD = [
     (["model.optim.lr=-1"], "model.optim.lr: must be > 0"),
     (["trainer.self_rewarding.trt_llm.enable=true"], "TensorRT-LLM"),
     (["model.spin"], "expected key=value"),
+    (["model.tensor_model_parallel_size=2"], "tensor_model_parallel_size=2: needs model.backend=mcore"),
+    (["model.backend=mcore", "model.tensor_model_parallel_size=2", "trainer.devices=3"],
+     r"must divide trainer.devices x trainer.num_nodes \(3\)"),
+    (["model.pipeline_model_parallel_size=2"], "pipeline_model_parallel_size: must be 1"),
+    (["trainer.accelerator=tpu"], "trainer.accelerator: one of auto, cpu, gpu"),
+    (["trainer.devices=0"], "trainer.devices: must be >= 1"),
     (["trainer.precision=16"], "trainer.precision: one of 32, bf16, bf16-mixed.*fp16 needs a loss scaler"),
-    (["model.backend=mcore"], "model.backend=mcore: the megatron-core backend is not built yet"),
 ]
 
 

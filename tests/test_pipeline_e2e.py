@@ -61,9 +61,11 @@ def test_second_repro_does_no_work(repro):
     assert ran(out) == set(), out
 
 
-def test_sigkill_in_training_then_repro_gives_identical_outputs(repro, tmp_path):
-    proj = make_project(tmp_path / "b")  # tracking off: outputs must not depend on it
-    e = env()
+def test_sigkill_in_training_then_repro_resumes_and_gives_identical_outputs(repro, tmp_path):
+    """Killed after SFT's first save point, the rerun resumes there (stderr and an MLflow tag say so) and ends with
+    the outputs of the uninterrupted run (which had tracking on: outputs must not depend on it either way)."""
+    proj = make_project(tmp_path / "b", overrides=["tracking.enabled=true", "tracking.experiment_name=killed"])
+    e = repro["env"]
     proc = subprocess.Popen(["dvc", "repro"], cwd=proj, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     state = proj / "runs/resume/iter0/state.json"
@@ -75,7 +77,16 @@ def test_sigkill_in_training_then_repro_gives_identical_outputs(repro, tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (proj / "runs/iter0/model").exists()  # nothing half-written
-    run(["dvc", "repro"], proj, env=e)
+    saved = json.loads(state.read_text())["step"]
+    p = run(["dvc", "repro"], proj, env=e)
+    assert f"sft: resumed from step {saved} of " in p.stdout + p.stderr
+    from mlflow import MlflowClient
+
+    client = MlflowClient(repro["uri"])
+    exp = client.get_experiment_by_name("killed")
+    tagged = [r for r in client.search_runs([exp.experiment_id]) if "harness.resumed" in r.data.tags]
+    assert [r.data.tags["harness.iteration"] for r in tagged] == ["0"]
+    assert tagged[0].data.tags["harness.resumed"].startswith(f"resumed from step {saved} of ")
     a, b = outputs(repro["proj"]), outputs(proj)  # two fresh directories, one of them killed and resumed
     assert a.keys() == b.keys()
     diff = [k for k in a if a[k] != b[k]]

@@ -43,21 +43,21 @@ def _hf_checkpoint(path):
 def test_hf_checkpoint_experiment_runs_end_to_end_and_its_data_are_dependencies(tmp_path):
     ckpt, data = tmp_path / "ckpt", tmp_path / "data"
     _hf_checkpoint(ckpt)
-    for t in range(2):
-        write_sft(data / f"prompts_it{t}.jsonl", [make_record(f"Name a fruit ({t}.{i})") for i in range(3)])
+    write_sft(data / "prompts_it0.jsonl", [make_record(f"Name a fruit ({i})") for i in range(3)])
     write_sft(data / "valid.jsonl", [make_record(f"Name a fruit ({i})", f"Apple {i}") for i in range(3)])
-    prompts = f"[{data / 'prompts_it0.jsonl'},{data / 'prompts_it1.jsonl'}]"
     proj = make_project(tmp_path / "p", "experiments/hf_checkpoint.yaml", [
-        f"pretrained_checkpoint.restore_from_path={ckpt}", f"model.data.train_ds.file_path={prompts}",
-        f"model.data.validation_ds.file_path={data / 'valid.jsonl'}", "trainer.self_rewarding.max_iterations=2",
+        f"pretrained_checkpoint.restore_from_path={ckpt}", f"model.data.train_ds.file_path=[{data / 'prompts_it0.jsonl'}]",
+        f"model.data.validation_ds.file_path={data / 'valid.jsonl'}", "trainer.self_rewarding.max_iterations=1",
         "model.spin.length_params.max_length=6", "model.encoder_seq_length=1024", "tracking.enabled=false"])
     out = run(["dvc", "repro"], proj).stdout
-    assert {"generate@0", "generate@1", "train@1", "evaluate@1", "report"} <= {
+    assert {"generate@0", "judge@0", "pairs@0", "train@0", "evaluate@0", "report"} <= {
         line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
     assert "prepare" not in out  # a user checkpoint on user data: nothing to prepare
-    ev = json.loads((proj / "runs/iter1/eval.json").read_text())
+    ev = json.loads((proj / "runs/iter0/eval.json").read_text())
     assert "eval/val_loss" in ev and "eval/judge_self_parse_failure" in ev
-    # the user's files are dependencies: editing iteration 1's prompts re-runs generate@1, not generate@0
-    write_sft(data / "prompts_it1.jsonl", [make_record(f"Name a vegetable ({i})") for i in range(3)])
+    # the user's files are dependencies: editing the validation file re-runs train and evaluate, not generate
+    write_sft(data / "valid.jsonl", [make_record(f"Name a fruit ({i})", f"Pear {i}") for i in range(3)])
     status = run(["dvc", "status"], proj, env=env()).stdout
-    assert "generate@1" in status and "generate@0" not in status, status
+    assert "train@0" in status and "evaluate@0" in status and "generate@0" not in status, status
+    write_sft(data / "prompts_it0.jsonl", [make_record(f"Name a vegetable ({i})") for i in range(3)])
+    assert "generate@0" in run(["dvc", "status"], proj, env=env()).stdout

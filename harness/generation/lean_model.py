@@ -110,8 +110,10 @@ def load_for_generation(path: str | Path, dtype: torch.dtype = torch.float32):
     """A Policy for generation and logits: LeanCausalLM where the checkpoint fits it, else models.hf.load."""
     from safetensors import safe_open
 
+    from harness import parallel
     from harness.io import recover
     from harness.models import hf
+    from harness.models.base import load_policy
 
     path = Path(path)
     recover(path)
@@ -120,8 +122,8 @@ def load_for_generation(path: str | Path, dtype: torch.dtype = torch.float32):
     except (OSError, json.JSONDecodeError):
         config = None
     files = [path / "model.safetensors"]
-    if config is None or not files[0].is_file():  # sharded, missing or unusual: the full loader and its checks
-        return hf.load(path, dtype=dtype)
+    if config is None or not files[0].is_file():  # .nemo, sharded, missing or unusual: the full loader, its checks
+        return load_policy(path, "hf", dtype)
     model = LeanCausalLM(config)
     try:
         with safe_open(str(files[0]), framework="pt") as f:
@@ -130,10 +132,13 @@ def load_for_generation(path: str | Path, dtype: torch.dtype = torch.float32):
             tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
         model.load_state_dict(tensors, strict=True, assign=True)
     except Exception:  # noqa: BLE001 - missing keys, wrong shapes, a corrupt file: the full loader says which
-        return hf.load(path, dtype=dtype)
+        return load_policy(path, "hf", dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.eval()
+    device = parallel.current().device  # the CPU unless harness.parallel set up a GPU
+    if device.type != "cpu":
+        model.to(device)
     return hf.policy_from_dir(path, model, _tokenizer_class(path))
 
 

@@ -348,7 +348,10 @@ def generate(policy, prompts: list[str], *, num_samples: int, sampling_params, l
 def _generate(policy, prompts, enc, num_samples, sp, lp, seed_parts, batch_size, progress, desc) -> list[list[dict]]:
     tok = policy.tokenizer
     model = policy.model
-    runner = LeanLlama(model) if LeanLlama.supports(model) else HFRunner(model)
+    if hasattr(model, "generation_runner"):  # a backend with its own KV cache (mcore: megatron's inference context)
+        runner = model.generation_runner()
+    else:
+        runner = LeanLlama(model) if LeanLlama.supports(model) else HFRunner(model)
     ends = EndStrings(tok, list(sp.end_strings or []))
     results: list[list[Any]] = [[None] * num_samples for _ in prompts]
     # Sorting by length keeps padding small; it cannot change a response (each row has its own RNG).

@@ -75,8 +75,22 @@ def _backend(name: str):
 
 
 def load_policy(path: str | Path, backend: str = "hf", dtype: torch.dtype = torch.float32) -> Policy:
-    """Load a checkpoint directory; bad or missing files raise harness.io.DataError naming the path."""
+    """Load a checkpoint directory or a .nemo archive onto the current device (harness.parallel: the CPU unless set
+    up otherwise); bad or missing files raise harness.io.DataError naming the path."""
+    from harness import parallel
     from harness.io import recover
+    from harness.models import nemo
 
     recover(path)  # a crash in the middle of replacing this directory left only its backup
-    return _backend(backend).load(path, dtype=dtype)
+    if backend == "hf" and nemo.is_nemo(path):  # NeMo's layout, converted to a transformers Llama
+        from harness.models import convert
+
+        full, spec, tokenizer, config = nemo.read(path)
+        model = convert.build_hf(spec, convert.mcore_to_hf(full, spec), tokenizer, dtype)
+        policy = Policy(model=model, tokenizer=tokenizer, config=config, backend="hf")
+    else:
+        policy = _backend(backend).load(path, dtype=dtype)
+    device = parallel.current().device
+    if backend == "hf" and device.type != "cpu":
+        policy.model.to(device)
+    return policy
