@@ -81,12 +81,9 @@ def stage_config(cfg: C.Config, stage: str) -> dict:
     return out
 
 
-def _stage(cmd: str, stage: str, deps: list[str], outs: list[str], metrics: list[str] = (), plots: list = (),
-           timings: str | None = None) -> dict:
-    """One stage; `timings` is its timings/<stage>.json (wall-clock times: a metric, never compared for identity)."""
+def _stage(cmd: str, stage: str, deps: list[str], outs: list[str], metrics: list[str] = (), plots: list = ()) -> dict:
     d = {"cmd": cmd, "deps": [*deps, *_BASE_CODE, *STAGE_CODE[stage]], "params": list(STAGE_PARAMS[stage]),
          "outs": list(outs)}
-    metrics = [*metrics, *([timings] if timings else [])]
     if metrics:
         d["metrics"] = [{m: {"cache": False}} for m in metrics]
     if plots:
@@ -113,12 +110,11 @@ def dvc_yaml(cfg: C.Config) -> dict:
     stages: dict = {}
     made = [*([f"{r}/world"] if L.use_world(cfg) else []), *([f"{r}/base"] if tiny else [])]
     if made:  # a user checkpoint on user data needs no prepare stage
-        stages["prepare"] = _stage(f"harness prepare --root {r}", "prepare", [], made, timings=f"{r}/timings/prepare.json")
+        stages["prepare"] = _stage(f"harness prepare --root {r}", "prepare", [], made)
     base = str(L.initial_model(cfg, lay))
     if sft:
         stages["sft"] = _stage(f"harness sft --root {r}", "sft", [base, *data("sft")],
-                               [f"{r}/iter0/model", f"{r}/iter0/train_history.jsonl"], [f"{r}/iter0/train_metrics.json"],
-                               timings=f"{r}/timings/sft.json")
+                               [f"{r}/iter0/model", f"{r}/iter0/train_history.jsonl"], [f"{r}/iter0/train_metrics.json"])
     # the papers' SFT baseline (IFT only): a second reference for win rates (task world only)
     baseline = L.use_sft_baseline(cfg)
     base_answers = [f"{r}/sft_baseline/eval_answers.jsonl"] if baseline else []
@@ -126,13 +122,12 @@ def dvc_yaml(cfg: C.Config) -> dict:
         stages["sft_baseline"] = _stage(
             f"harness sft_baseline --root {r}", "sft_baseline", [base, *data("sft_baseline")],
             [f"{r}/sft_baseline/model", f"{r}/sft_baseline/train_history.jsonl", *base_answers],
-            [f"{r}/sft_baseline/train_metrics.json", f"{r}/sft_baseline/eval.json"], timings=f"{r}/timings/sft_baseline.json")
+            [f"{r}/sft_baseline/train_metrics.json", f"{r}/sft_baseline/eval.json"])
     m1_answers = [f"{r}/iter0/eval_answers.jsonl"] if sft else []
     if sft:
         stages["evaluate_sft"] = _stage(f"harness evaluate --root {r} --iteration 0", "evaluate",
                                         [f"{r}/iter0/model", *data("evaluate"), *base_answers],
-                                        [f"{r}/iter0/eval_answers.jsonl"], [f"{r}/iter0/eval.json"],
-                                        timings=f"{r}/timings/evaluate_0.json")
+                                        [f"{r}/iter0/eval_answers.jsonl"], [f"{r}/iter0/eval.json"])
     # a dict (not a list) so DVC names the stages generate@1, generate@2, ... after the iteration
     items = {str(t): {"it": t, "prev": str(L.model_before(cfg, lay, t)), "prompts": data("generate", t)[0]}
              for t in range(first, n)}
@@ -149,17 +144,13 @@ def dvc_yaml(cfg: C.Config) -> dict:
                      [f"{d}/eval_answers.jsonl"], [f"{d}/eval.json"]),
     }
     for name, (deps, outs, metrics) in per_iter.items():
-        body = _stage(f"harness {name} --root {r} --iteration {it}", name, deps, outs, metrics,
-                      timings=f"{r}/timings/{name}_{it}.json")
+        body = _stage(f"harness {name} --root {r} --iteration {it}", name, deps, outs, metrics)
         stages[name] = {"foreach": items, "do": body}
     evals = [f"{r}/iter{t}/eval.json" for t in range(n)] if sft else [f"{r}/iter{t}/eval.json" for t in range(first, n)]
     trained = [f"{r}/iter{t}/train_metrics.json" for t in range(n)]
     stages["report"] = _stage(f"harness report --root {r} --out {r}/report", "report", [*evals, *trained],
                               [f"{r}/report/report.md"], [f"{r}/report/metrics.json"],
-                              [{f"{r}/report/iterations.csv": {"cache": False}}, {f"{r}/report/plots": {"cache": False}}],
-                              timings=f"{r}/timings/report.json")
-    # where the time went (timings.write_summary): wall-clock data, apart from the bit-identical report
-    stages["report"]["outs"] += [{f"{r}/timings/summary.{ext}": {"cache": False}} for ext in ("md", "csv", "png")]
+                              [{f"{r}/report/iterations.csv": {"cache": False}}, {f"{r}/report/plots": {"cache": False}}])
     cols = ["eval_oracle_reward", "eval_win_rate_vs_m1", "eval_judge_pairwise_acc", "eval_judge_spearman"]
     plots = [{"policy and judge over iterations": {"x": "iteration", "y": {f"{r}/report/iterations.csv": cols}}},
              f"{r}/report/plots"]

@@ -7,8 +7,10 @@
 
 Wall-clock times differ between reruns, and every artifact a stage writes is bit-identical between reruns (the
 determinism contract), so timings never go into a stage's metrics file: each stage writes its own
-`timings/<stage>.json` (a DVC metric with cache: false, left out of the bit-identity comparisons) and logs the same
-numbers to MLflow as `time/...`. The report stage turns them into "where the time went" (timings/summary.*).
+`timings/<stage>.json` and logs the same numbers to MLflow as `time/...`. They are no DVC output either: dvc.lock
+hashes every output, and a rerun must leave dvc.lock (and its hash on the MLflow run) unchanged; a stage that DVC
+restores from its cache keeps the timings of the run that computed it. The report stage turns them into "where the
+time went" (timings/summary.*).
 """
 
 from __future__ import annotations
