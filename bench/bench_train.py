@@ -60,7 +60,7 @@ from harness.determinism import set_threads  # noqa: E402
 from harness.models.hf import build_tiny  # noqa: E402
 from harness.models.tokenizer import train_tokenizer  # noqa: E402
 
-N_PAIRS, BATCH, THREADS = 64, 8, 2
+N_PAIRS, BATCH, THREADS = 64, 8, int(os.environ.get("HARNESS_NUM_THREADS", "2"))
 LR, BETA, SEED = 1e-5, 0.1, 0
 OVERRIDES = [
     f"model.micro_batch_size={BATCH}", f"model.global_batch_size={BATCH}",
@@ -170,18 +170,18 @@ def run_side(side: str) -> dict:
         args, _ = ours_prepare() if side == "ours" else trl_prepare(tmp)
         fn = ours_run if side == "ours" else trl_run
         before = _maxrss_mb()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         n = fn(*args)
-        dt = time.perf_counter() - t
-    return {"side": side, "pairs": n, "seconds": dt, "rss_before_mb": before, "peak_rss_mb": _maxrss_mb(),
-            "threads": torch.get_num_threads()}
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+    return {"side": side, "pairs": n, "seconds": dt, "cpu_seconds": dc, "rss_before_mb": before,
+            "peak_rss_mb": _maxrss_mb(), "threads": torch.get_num_threads()}
 
 
 def measure() -> dict:
     res = {}
     for side in ("ours", "trl"):
         proc = subprocess.run([sys.executable, __file__, "--side", side], capture_output=True, text=True,
-                              env={**os.environ, "HARNESS_NUM_THREADS": str(THREADS)})
+                              env={**os.environ, "HARNESS_NUM_THREADS": str(THREADS), "HARNESS_PROGRESS": "0"})
         if proc.returncode != 0:
             raise RuntimeError(f"{side} subprocess failed:\n{proc.stderr[-4000:]}")
         res[side] = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -195,10 +195,12 @@ def measure() -> dict:
         "ours_pairs_per_s": round(o["pairs"] / o["seconds"], 3),
         "trl_pairs_per_s": round(t["pairs"] / t["seconds"], 3),
         "speedup_vs_trl": round(t["seconds"] / o["seconds"], 2),
+        "cpu_speedup_vs_trl": round(t["cpu_seconds"] / o["cpu_seconds"], 2),  # moves less with the machine's load
         "ours_seconds": round(o["seconds"], 2), "trl_seconds": round(t["seconds"], 2),
         "ours_peak_rss_mb": round(o["peak_rss_mb"], 1), "trl_peak_rss_mb": round(t["peak_rss_mb"], 1),
         "ours_rss_before_mb": round(o["rss_before_mb"], 1), "trl_rss_before_mb": round(t["rss_before_mb"], 1),
         "threads": [o["threads"], t["threads"]],
+        "loadavg": float(Path("/proc/loadavg").read_text().split()[0]) if Path("/proc/loadavg").exists() else None,
     }
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from harness import config as C
 from harness.io import DataError, stage_outputs
+from harness.timing import CLOCK
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -37,16 +38,32 @@ def cmd_config_keys(args) -> int:
 
 
 def _setup(args) -> tuple[C.Config, object]:
-    from harness import determinism, parallel
+    import random
+
+    import harness.determinism  # noqa: F401 - sets the NVTE_*/CUBLAS flags before any model import
     from harness.layout import Layout, log_dir
 
     cfg = load_config(args)
-    if parallel.needs_launch(cfg):  # trainer.devices > 1 outside torchrun: run this command under torchrun
-        sys.exit(parallel.relaunch(cfg, args.argv))
-    determinism.set_threads()
-    determinism.seed_everything(cfg.seed)
-    parallel.setup(cfg)
+    if cfg.trainer.devices * cfg.trainer.num_nodes > 1:  # data parallel (torch is needed then anyway)
+        from harness import parallel
+
+        if parallel.needs_launch(cfg):  # trainer.devices > 1 outside torchrun: run this command under torchrun
+            sys.exit(parallel.relaunch(cfg, args.argv))
+        parallel.setup(cfg)
+    random.seed(cfg.seed)  # torch is set up where a model is first loaded or built (_torch)
     return cfg, Layout(Path(args.root) if args.root else log_dir(cfg))
+
+
+def _torch(cfg: C.Config) -> None:
+    """torch's import, threads, seeds and device (harness.parallel), counted as model loading: stages without a model
+    skip it."""
+    from harness.determinism import torch_ready
+
+    with CLOCK.phase("load"):
+        torch_ready(cfg.seed)
+        from harness import parallel
+
+        parallel.setup(cfg)
 
 
 def _iteration(cfg: C.Config, t: int, *, sft: bool = False) -> int:
@@ -63,22 +80,31 @@ def cmd_prepare(args) -> int:
 
     cfg, lay = _setup(args)
     with tracking.stage_run(cfg, "prepare") as tr:
+        CLOCK.stage_begins()
+        if cfg.pretrained_checkpoint.restore_from_path is None:
+            _torch(cfg)
         with stage_outputs(lay.world, lay.base_model):
             out = stages.prepare(cfg, lay)
         if tr:
             tr.log_metrics({f"prepare/{k}": v for k, v in out.items()}, parent=True)
-    print(out)
+            for name, context in (("ift", "train"), ("eft", "train"), ("mft", "train"), ("validation", "validation"),
+                                  ("test", "test")):
+                tr.log_dataset(lay.world / f"{name}.jsonl", f"world/{name}", context, parent=True)
+    _done(lay, "prepare", None, out, tr)
     return 0
 
 
 def cmd_sft(args) -> int:
     from harness import stages, tracking
     from harness.io import write_json, write_jsonl
+    from harness.layout import sft_files
 
     cfg, lay = _setup(args)
     if not cfg.model.spin.first_iteration_sft:
         raise C.ConfigError("harness sft runs iteration 0 only with model.spin.first_iteration_sft=true")
     with tracking.stage_run(cfg, "sft", 0) as tr:
+        CLOCK.stage_begins()
+        _torch(cfg)
         with stage_outputs(lay.it(0)):
             summary, history = stages.run_sft(cfg, lay)
             write_jsonl(lay.it(0) / "train_history.jsonl", history)
@@ -87,7 +113,9 @@ def cmd_sft(args) -> int:
             tr.log_history(history)
             tr.log_metrics(summary, step=0)
             _tag_resume(tr, history)
-    print(summary)
+            for name, path in sft_files(cfg, lay).items():
+                tr.log_dataset(path, f"sft/{name}", "train")
+    _done(lay, "sft", None, summary, tr)
     return 0
 
 
@@ -101,6 +129,8 @@ def cmd_sft_baseline(args) -> int:
         raise C.ConfigError("harness sft_baseline needs the task world, model.spin.first_iteration_sft=true and "
                             "model.sft.baseline=true")
     with tracking.stage_run(cfg, "sft_baseline") as tr:
+        CLOCK.stage_begins()
+        _torch(cfg)
         with stage_outputs(lay.baseline):
             summary, history = stages.run_sft(cfg, lay, baseline=True)
             write_jsonl(lay.baseline / "train_history.jsonl", history)
@@ -110,7 +140,7 @@ def cmd_sft_baseline(args) -> int:
             tr.log_metrics({f"sft_baseline/{k.split('/')[-1]}": v for k, v in {**summary, **metrics}.items()},
                            parent=True)
             _tag_resume(tr, history)
-    print({**summary, **metrics})
+    _done(lay, "sft_baseline", None, {**summary, **metrics}, tr)
     return 0
 
 
@@ -120,10 +150,14 @@ def _stage(name: str):
     def cmd(args) -> int:
         from harness import stages, tracking
         from harness.io import write_json, write_jsonl
+        from harness.layout import prompts_file
 
         cfg, lay = _setup(args)
         t = _iteration(cfg, args.iteration, sft=name == "evaluate")
         with tracking.stage_run(cfg, name, t) as tr:
+            CLOCK.stage_begins()
+            if name != "pairs" and (name != "meta_judge" or cfg.model.spin.use_meta_judge):
+                _torch(cfg)
             with stage_outputs(lay.it(t)):  # all of the stage's outputs, or (on any error) none of them
                 history = []
                 if name == "train":
@@ -152,10 +186,24 @@ def _stage(name: str):
                     tr.set_tags({f"harness.warning.iter{t}": warning}, parent=True)
                 if name == "pairs":
                     _log_pairs_table(tr, lay.it(t) / "pairs.jsonl")
-        print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+                if name == "generate":
+                    tr.log_dataset(prompts_file(cfg, lay, t), f"prompts/iter{t}", "prompts")
+        _done(lay, name, t, metrics, tr)
         return 0
 
     return cmd
+
+
+def _done(lay, stage: str, t: int | None, metrics: dict, tr) -> None:
+    """The stage's timings (timings/<stage>.json and MLflow time/<stage>/...) and its one summary line."""
+    from harness.io import write_json
+    from harness.timing import stage_name, summary_line, timings_file
+
+    times = CLOCK.metrics()
+    write_json(timings_file(lay.root, stage, t), {"stage": stage_name(stage, t), **times})
+    if tr:  # the runs are attached by now: this goes straight to MLflow
+        tr.log_metrics({f"time/{stage}/{k.split('/', 1)[1]}": v for k, v in times.items()}, step=t or 0)
+    print(summary_line(stage_name(stage, t), metrics, times), flush=True)
 
 
 def _tag_resume(tr, history) -> None:
@@ -177,24 +225,30 @@ def cmd_report(args) -> int:
     from harness import tracking
     from harness.evaluate import run_report
     from harness.io import atomic_path
+    from harness.timing import write_summary
 
     cfg, lay = _setup(args)
     with tracking.stage_run(cfg, "report", finish_parent=True) as tr:
+        CLOCK.stage_begins()
         out = Path(args.out)
         with atomic_path(out) as tmp:
             final = run_report(cfg, lay, tmp)
+        summary = write_summary(lay.root)  # where the time went: kept apart from the bit-identical report
         if tr:
             tr.log_metrics({f"final/{k}": v for k, v in final.items()}, parent=True)
             tr.log_artifact(out / "report.md", "report", parent=True)
             tr.log_artifact(out / "iterations.csv", "report", parent=True)
             for png in sorted((out / "plots").glob("*.png")):
                 tr.log_artifact(png, "report/plots", parent=True)
+            for f in summary:
+                tr.log_artifact(f, "timings", parent=True)
             tr.log_artifact("dvc.lock", parent=True)
             tr.log_artifact("params.yaml", parent=True)
             tr.set_tags({"dvc_lock_hash": tracking.file_tag("dvc.lock")}, parent=True)
             if cfg.tracking.log_model:
                 tr.log_artifact(lay.model(cfg.trainer.self_rewarding.max_iterations - 1), "model", parent=True)
     print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
+    _done(lay, "report", None, final, tr)
     return 0
 
 
@@ -210,6 +264,13 @@ def cmd_pipeline(args) -> int:
         pipeline.check(cfg, Path(args.dvc_yaml))
         print(f"{args.dvc_yaml} is up to date")
     return 0
+
+
+def cmd_exp_run(args) -> int:
+    from harness import experiments
+
+    return experiments.run(args.file, args.overrides, name=args.name, repro=args.repro, force=args.force,
+                           queue=args.queue, warn=lambda m: print(m, file=sys.stderr))
 
 
 def cmd_sweep(args) -> int:
@@ -272,6 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
         stage_parser(name, helps[name], _stage(name), iteration=True)
     stage_parser("report", "markdown table and plots over iterations", cmd_report).add_argument(
         "--out", default="runs/report", help="report directory")
+    exp = sub.add_parser("exp", help="named experiments (experiments/<name>.yaml) as DVC experiments")
+    exp_run = exp.add_subparsers(dest="action", required=True).add_parser(
+        "run", help="write the file's resolved config as params.yaml (and dvc.yaml), then `dvc exp run --name <name>`")
+    exp_run.add_argument("file", help="named configuration, e.g. experiments/meta_rewarding.yaml")
+    exp_run.add_argument("overrides", nargs="*", help="NeMo/Hydra overrides on top of the file")
+    exp_run.add_argument("--name", "-n", default=None, help="DVC experiment name (default: the file's stem)")
+    exp_run.add_argument("--force", "-f", action="store_true", help="overwrite an experiment of the same name")
+    exp_run.add_argument("--queue", action="store_true", help="queue it (`dvc queue start` runs the queue)")
+    exp_run.add_argument("--repro", action="store_true", help="plain `dvc repro` in the workspace instead")
+    exp_run.set_defaults(func=cmd_exp_run)
     ex = sub.add_parser("export-nemo", help="write a checkpoint (HF directory or .nemo) as a .nemo archive")
     ex.add_argument("src", help="checkpoint directory or .nemo")
     ex.add_argument("out", help="the .nemo archive to write")

@@ -45,10 +45,28 @@ def seed_everything(seed: int, *, deterministic: bool = True) -> None:
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=False)
+        # The public torch.use_deterministic_algorithms imports torch._inductor.config only to mirror the flag
+        # for compiled code (seconds at every stage start; stages never compile): set the eager flag directly.
+        setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+        if setter is not None and "torch._inductor.config" not in sys.modules:
+            setter(True, warn_only=False)
+        else:
+            torch.use_deterministic_algorithms(True, warn_only=False)
         torch.backends.cudnn.benchmark = False
         if hasattr(torch.backends, "cudnn"):
             torch.backends.cudnn.deterministic = True
+
+
+_TORCH_READY: list[int] = []
+
+
+def torch_ready(seed: int) -> None:
+    """Threads, seeds and deterministic kernels, once per process, just before the first model: stages that run no
+    model (pairs, report) never import torch."""
+    if not _TORCH_READY:
+        set_threads()
+        seed_everything(seed)
+        _TORCH_READY.append(seed)
 
 
 def set_threads(n: int | None = None) -> None:

@@ -92,7 +92,7 @@ def _test_answers(cfg: C.Config, policy, lay: Layout, t) -> list[dict]:
     recs = S.read_sft(lay.world / "test.jsonl")
     outs = generate(policy, [_render(cfg, policy, r) for r in recs], num_samples=1, sampling_params=_greedy(cfg),
                     length_params=spin.length_params, seed_parts=[(cfg.seed, t, "eval", r["id"]) for r in recs],
-                    batch_size=spin.rollout_micro_batch_size, desc=f"evaluate {t}")
+                    batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"evaluate {t}")
     return [{"id": r["id"], "answer": o[0]["text"], "num_tokens": o[0]["num_tokens"],
              "oracle_score": score_record(r, o[0]["text"])} for r, o in zip(recs, outs)]
 
@@ -106,7 +106,7 @@ def _policy_metrics(answers: list[dict]) -> dict:
 def run_evaluate_baseline(cfg: C.Config, lay: Layout) -> dict:
     """The SFT baseline's greedy test answers (what every M_t is compared with) and its oracle metrics."""
     # pending: the model this very stage trained, not committed yet (a stage that fails writes nothing)
-    answers = _test_answers(cfg, _load(cfg, pending(lay.baseline / "model")), lay, "sft_baseline")
+    answers = _test_answers(cfg, _load(cfg, pending(lay.baseline / "model"), generation=True), lay, "sft_baseline")
     write_jsonl(lay.baseline / "eval_answers.jsonl", answers)
     metrics = _policy_metrics(answers)
     write_json(lay.baseline / "eval.json", metrics)
@@ -120,7 +120,7 @@ def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
     from harness.train import _val_sft, encode
 
     spin = cfg.model.spin
-    policy = _load(cfg, lay.model(t))
+    policy = _load(cfg, lay.model(t), generation=True)
     metrics: dict[str, float] = {"iteration": t}
     val = validation_examples(cfg, lay, policy)
     if val:
@@ -143,7 +143,7 @@ def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
         prompts = [_judge_prompt(cfg, policy, r["prompt"], r["response"]) for r in rows]
         jouts = generate(policy, prompts, num_samples=1, sampling_params=_greedy(cfg),
                          length_params=spin.length_params, seed_parts=[(cfg.seed, t, "judge_eval", r["id"]) for r in rows],
-                         batch_size=spin.rollout_micro_batch_size, desc=f"judge eval iter {t}")
+                         batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"judge eval iter {t}")
         groups: dict[str, list] = {}
         for r, o in zip(rows, jouts):
             s = parse_score(o[0]["text"], spin.judge_score_low, spin.judge_score_high, spin.judge_reward_regex)
@@ -157,12 +157,12 @@ def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
         outs = generate(policy, [_render(cfg, policy, r) for r in recs], num_samples=1, sampling_params=_greedy(cfg),
                         length_params=spin.length_params,
                         seed_parts=[(cfg.seed, t, "eval", str(r.get("id", i))) for i, r in enumerate(recs)],
-                        batch_size=spin.rollout_micro_batch_size, desc=f"evaluate iter {t}")
+                        batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"evaluate iter {t}")
         answers = [o[0] for o in outs]
         jouts = generate(policy, [_judge_prompt(cfg, policy, S.user_text(r), a["text"]) for r, a in zip(recs, answers)],
                          num_samples=1, sampling_params=_greedy(cfg), length_params=spin.length_params,
                          seed_parts=[(cfg.seed, t, "judge_self", i) for i in range(len(recs))],
-                         batch_size=spin.rollout_micro_batch_size, desc=f"judge_self iter {t}")
+                         batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"judge_self iter {t}")
         scores = [parse_score(o[0]["text"], spin.judge_score_low, spin.judge_score_high, spin.judge_reward_regex)
                   for o in jouts]
         valid = [s for s in scores if s is not None]
@@ -222,6 +222,7 @@ def run_report(cfg: C.Config, lay: Layout, out_dir: Path) -> dict:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = collect(cfg, lay)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -234,6 +235,8 @@ def run_report(cfg: C.Config, lay: Layout, out_dir: Path) -> dict:
             lines.append(f"| {label} | " + " | ".join(_fmt(r.get(key)) for r in rows) + " |")
     warnings = [w for r in rows if (w := no_pairs_warning(r, r["iteration"]))]
     lines += ["", *(f"**Warning**: {w}" for w in warnings)] if warnings else []
+    lines += ["", "Where the time went (stage wall times; they differ between reruns, so they are kept out of this "
+              "bit-identical report): `../timings/summary.md`."]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     keys = [k for k, _ in ROWS if any(k in r for r in rows)]
     csv = ["iteration," + ",".join(k.replace("/", "_") for k in keys)]
@@ -251,6 +254,7 @@ def run_report(cfg: C.Config, lay: Layout, out_dir: Path) -> dict:
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=k)
         ax.set_xlabel("iteration (0 = SFT)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole numbers
         ax.set_title(name.replace("_", " "))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

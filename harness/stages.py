@@ -29,10 +29,22 @@ __all__ = ["Layout", "initial_model", "model_before", "prompts_file", "use_sft_b
            "validation_file"]  # re-exported: the paths live in harness.layout
 
 
-def _load(cfg: C.Config, path: Path):
-    from harness.models.base import load_policy
+def _load(cfg: C.Config, path: Path, *, generation: bool = False):
+    """The policy at `path`; generation=True (the stage only generates and scores) skips transformers' modeling
+    import where LeanLlama covers the checkpoint (generation.lean_model)."""
+    from harness.determinism import torch_ready
+    from harness.timing import CLOCK
 
-    policy = load_policy(path, backend=cfg.model.backend)
+    with CLOCK.phase("load"):  # the torch and transformers imports included
+        torch_ready(cfg.seed)
+        if generation and cfg.model.backend == "hf":
+            from harness.generation.lean_model import load_for_generation
+
+            policy = load_for_generation(path)
+        else:
+            from harness.models.base import load_policy
+
+            policy = load_policy(path, backend=cfg.model.backend)
     policy.precision = cfg.trainer.precision
     return policy
 
@@ -54,6 +66,10 @@ def prepare(cfg: C.Config, lay: Layout) -> dict:
 
     out = {}
     spin = cfg.model.spin
+    if cfg.pretrained_checkpoint.restore_from_path is None:
+        from harness.determinism import torch_ready
+
+        torch_ready(cfg.seed)
     if use_world(cfg):
         from harness.data.world import build_world
         from harness.io import atomic_path
@@ -148,7 +164,7 @@ def run_generate(cfg: C.Config, lay: Layout, t: int) -> dict:
 
     spin = cfg.model.spin
     recs = S.read_sft(prompts_file(cfg, lay, t), nonempty=True)
-    policy = _load(cfg, model_before(cfg, lay, t))
+    policy = _load(cfg, model_before(cfg, lay, t), generation=True)
     ids = [str(r.get("id", i)) for i, r in enumerate(recs)]
     prompts = [_render(cfg, policy, r) for r in recs]
     stats: dict = {}
@@ -172,7 +188,7 @@ def run_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
 
     spin = cfg.model.spin
     rows = read_jsonl(lay.it(t) / "responses.jsonl", R.RESPONSES, nonempty=True)
-    policy = _load(cfg, model_before(cfg, lay, t))
+    policy = _load(cfg, model_before(cfg, lay, t), generation=True)
     prompts, parts, stats = [], [], {}
     for row in rows:
         for j, r in enumerate(row["responses"]):
@@ -211,7 +227,7 @@ def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
     from harness.judging.templates import meta_judge_text
 
     rows = read_jsonl(lay.it(t) / "judged.jsonl", R.META_JUDGED, nonempty=True)
-    policy = _load(cfg, model_before(cfg, lay, t))
+    policy = _load(cfg, model_before(cfg, lay, t), generation=True)
     asks, keys = [], []  # one meta-judge prompt per (prompt, pair, order); results keyed by pair, never by position
     plan = {}
     for row in rows:

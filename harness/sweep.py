@@ -122,9 +122,7 @@ class Mlflow:
         from mlflow import MlflowClient
 
         self.client = MlflowClient(uri)
-        name = cfg.tracking.experiment_name
-        exp = self.client.get_experiment_by_name(name)
-        self.exp_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.exp_id = tracking.experiment_id(self.client, cfg.tracking.experiment_name)  # tagged with its kind
         with file_lock(repo / ".sweep" / "mlflow.lock"):
             runs = self.client.search_runs([self.exp_id], f"tags.`harness.study` = '{space.study_name}'",
                                            max_results=1)

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,16 +54,21 @@ class Tracker:
         self.client, self.run_id, self.parent_id = client, run_id, parent_id
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, *, parent: bool = False) -> None:
+        self._log_rows([(metrics, step)], parent)
+
+    def log_history(self, history: list[dict]) -> None:
+        """Every step's metrics in batches of 900 (one database transaction each, not one per step)."""
+        self._log_rows([({k: v for k, v in row.items() if "/" in k or k in ("lr", "grad_norm")}, row["step"])
+                        for row in history], False)
+
+    def _log_rows(self, rows: list[tuple[dict, int]], parent: bool) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        rows = [Metric(k, float(v), ts, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-        for i in range(0, len(rows), 900):  # MLflow caps a batch at 1000 metrics
-            self.client.log_batch(self.parent_id if parent else self.run_id, metrics=rows[i:i + 900])
-
-    def log_history(self, history: list[dict]) -> None:
-        for row in history:
-            self.log_metrics({k: v for k, v in row.items() if "/" in k or k in ("lr", "grad_norm")}, step=row["step"])
+        out = [Metric(k, float(v), ts, step) for metrics, step in rows for k, v in metrics.items()
+               if isinstance(v, (int, float))]
+        for i in range(0, len(out), 900):  # MLflow caps a batch at 1000 metrics
+            self.client.log_batch(self.parent_id if parent else self.run_id, metrics=out[i:i + 900])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None, *, parent: bool = False) -> None:
         if Path(path).exists():
@@ -74,9 +80,30 @@ class Tracker:
         mlflow.set_tracking_uri(self.client.tracking_uri)
         mlflow.log_table(data=data, artifact_file=artifact_file, run_id=self.run_id)
 
+    def log_dataset(self, path: str | Path, name: str, context: str, *, parent: bool = False) -> None:
+        """A NeMo SFT jsonl file as an MLflow dataset input (Dataset column of the runs table): one row per record
+        (id, prompt, gold answer when it has one), its source the file, its digest MLflow's hash of the rows."""
+        import mlflow.data
+        import pandas as pd
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        from harness.data import sft as S
+
+        path = Path(path)
+        if not path.is_file():
+            return
+        rows = [{"id": str(r.get("id", i)), "prompt": S.user_text(r), "gold": S.gold_response(r) or ""}
+                for i, r in enumerate(S.read_sft(path))]
+        with warnings.catch_warnings():  # MLflow registers the local source twice ("" and file:) and says so
+            warnings.simplefilter("ignore")
+            ds = mlflow.data.from_pandas(pd.DataFrame(rows, columns=["id", "prompt", "gold"]),
+                                         source=str(path.resolve()), name=name)
+        self.client.log_inputs(self.parent_id if parent else self.run_id, datasets=[
+            DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
     def set_tags(self, tags: dict[str, str], *, parent: bool = False) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.parent_id if parent else self.run_id, k, str(v))
+        _set_tags(self.client, self.parent_id if parent else self.run_id, tags)
 
 
 def _find_or_create(client, exp_id: str, filt: str, tags: dict, name: str) -> tuple[str, bool]:
@@ -89,18 +116,55 @@ def _find_or_create(client, exp_id: str, filt: str, tags: dict, name: str) -> tu
     return run.info.run_id, True
 
 
-@contextlib.contextmanager
-def stage_run(cfg: C.Config, stage: str, iteration: int | None = None, *, finish_parent: bool = False
-              ) -> Iterator[Tracker | None]:
-    """Attach this stage to the pipeline's parent run (and the iteration's child); mark FAILED on any error."""
-    if not cfg.tracking.enabled or int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 logs for all
-        yield None
-        return
+# MLflow 3's UI opens an experiment on the view its kind names; untagged, it guesses "GenAI" (traces, empty here).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "finetuning"}
+
+
+def experiment_id(client, name: str) -> str:
+    """The experiment's id (created if missing), tagged with its kind so `mlflow ui` opens on its runs."""
+    exp = client.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(name, tags=EXPERIMENT_KIND)
+    if exp is not None and any(exp.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):
+        for k, v in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(exp_id, k, v)
+    return exp_id
+
+
+class Deferred:
+    """Records a stage's tracking calls and replays them on a Tracker once the stage's work is done.
+
+    Importing MLflow costs seconds; a stage attaches to its runs after its work, so that cost is no part of its
+    start-up (timing.CLOCK: phase "tracking"). Calls made after the replay go straight to the Tracker.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+        self.live: Tracker | None = None
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or not hasattr(Tracker, name):
+            raise AttributeError(name)
+
+        def call(*args, **kwargs):
+            if self.live is not None:
+                return getattr(self.live, name)(*args, **kwargs)
+            self.calls.append((name, args, kwargs))
+            return None
+
+        return call
+
+    def replay(self, live: Tracker) -> None:
+        self.live = live
+        for name, args, kwargs in self.calls:
+            getattr(live, name)(*args, **kwargs)
+        self.calls.clear()
+
+
+def _attach(cfg: C.Config, stage: str, iteration: int | None) -> tuple[Tracker, str, str]:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg))
-    exp = client.get_experiment_by_name(cfg.tracking.experiment_name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment_name)
+    exp_id = experiment_id(client, cfg.tracking.experiment_name)
     key = pipeline_key(cfg)
     parent_id, created = _find_or_create(client, exp_id, f"tags.`{PARENT_TAG}` = '{key}'",
                                          {PARENT_TAG: key}, cfg.exp_manager.name)
@@ -117,17 +181,36 @@ def stage_run(cfg: C.Config, stage: str, iteration: int | None = None, *, finish
     tracker = Tracker(client, run_id, parent_id)
     tracker.set_tags({"harness.last_stage": stage, "dvc_experiment": os.environ.get("DVC_EXP_NAME", "workspace")},
                      parent=True)
+    return tracker, run_id, parent_id
+
+
+@contextlib.contextmanager
+def stage_run(cfg: C.Config, stage: str, iteration: int | None = None, *, finish_parent: bool = False
+              ) -> Iterator[Deferred | None]:
+    """Attach this stage to the pipeline's parent run (and the iteration's child) when its work is done, and log
+    what it recorded; on any error, attach and mark both runs FAILED."""
+    if not cfg.tracking.enabled or int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 logs for all
+        yield None
+        return
+    from harness.timing import CLOCK
+
+    deferred = Deferred()
     try:
-        yield tracker
+        yield deferred
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        if run_id != parent_id:
-            client.set_terminated(parent_id, "FAILED")
+        with CLOCK.phase("tracking"):
+            tracker, run_id, parent_id = _attach(cfg, stage, iteration)
+            tracker.client.set_terminated(run_id, "FAILED")
+            if run_id != parent_id:
+                tracker.client.set_terminated(parent_id, "FAILED")
         raise
-    if run_id != parent_id:
-        client.set_terminated(run_id, "FINISHED")
-    if finish_parent:
-        client.set_terminated(parent_id, "FINISHED")
+    with CLOCK.phase("tracking"):
+        tracker, run_id, parent_id = _attach(cfg, stage, iteration)
+        deferred.replay(tracker)
+        if run_id != parent_id:
+            tracker.client.set_terminated(run_id, "FINISHED")
+        if finish_parent:
+            tracker.client.set_terminated(parent_id, "FINISHED")
 
 
 def _log_params(client, run_id: str, cfg: C.Config) -> None:
@@ -141,8 +224,14 @@ def _log_params(client, run_id: str, cfg: C.Config) -> None:
         client.log_batch(run_id, params=params[i:i + 90])
     tags = {**git_info(), "params_hash": C.params_hash(cfg)}
     tags.update({f"env.{k}": str(v) for k, v in fingerprint().items()})
-    for k, v in tags.items():
-        client.set_tag(run_id, k, v)
+    _set_tags(client, run_id, tags)
+
+
+def _set_tags(client, run_id: str, tags: dict) -> None:
+    """All tags in one batch (one database transaction, not one per tag)."""
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def file_tag(path: str | Path) -> str:

@@ -12,6 +12,7 @@ import json
 import math
 import random
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from harness import parallel as P
 from harness.determinism import derive_seed
 from harness.io import DataError, atomic_path, read_json
 from harness.losses import implicit_rewards, preference_loss, sequence_logps, sft_loss
+from harness.packing import pack, packed_logps, plan, token_logps
+from harness.progress import progress
 
 
 class Diverged(DataError):
@@ -110,15 +113,15 @@ def pack_pairs(ch, rj, pad_id: int, dtype=torch.float32):
     return P.to_device(ids, position_ids, mask, (idx["cp"], idx["ct"], cm), (idx["rp"], idx["rt"], rm))
 
 
-def _gathered_logps(logits, pred, tgt, mask, average: bool):
-    """Masked sum (or mean) of log p(tgt | logits at pred) per row."""
-    rows = []
-    for lg, p, t, m in zip(logits, pred, tgt, mask):
-        sel = lg[p].float()
-        lp = sel.gather(-1, t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(sel, dim=-1)
-        rows.append(torch.where(m, lp, torch.zeros_like(lp)).sum())
-    total = torch.stack(rows)
-    return total / mask.sum(1).clamp(min=1) if average else total
+def _packed_pair_logps(model, ids, pos, amask, c, r):
+    """Summed log-probs of the chosen and rejected responses of packed rows, and their token counts; the LM head
+    runs only on the positions that predict a response token (harness.packing.token_logps)."""
+    n, t_n = ids.shape
+    rows = torch.arange(n, device=ids.device)[:, None]
+    flat = [((rows * t_n + p)[m], t[m], rows.expand_as(p)[m] + k * n) for k, (p, t, m) in enumerate((c, r))]
+    lp = token_logps(model, ids, amask, pos, torch.cat([f[0] for f in flat]), torch.cat([f[1] for f in flat]))
+    total = torch.zeros(2 * n, dtype=lp.dtype, device=lp.device).index_add(0, torch.cat([f[2] for f in flat]), lp)
+    return total[:n], total[n:], c[2].sum(1).to(lp.dtype), r[2].sum(1).to(lp.dtype)
 
 
 def pair_logps(model, ch: list[Encoded], rj: list[Encoded], pad_id: int, average: bool,
@@ -127,11 +130,11 @@ def pair_logps(model, ch: list[Encoded], rj: list[Encoded], pad_id: int, average
     micro-batch of pairs: packed (the prompt computed once per pair) when possible, else one padded batch."""
     packed = pack_pairs(ch, rj, pad_id, next(model.parameters()).dtype)
     if packed is not None:
-        ids, pos, amask, c, r = packed
-        logits = model(input_ids=ids, attention_mask=amask, position_ids=pos).logits
-        lc, lr = _gathered_logps(logits, *c, average), _gathered_logps(logits, *r, average)
-        sft = None if sft_average is None else lc if sft_average == average else _gathered_logps(logits, *c, sft_average)
-        return lc, lr, sft, c[2].sum(1).float(), r[2].sum(1).float()
+        sc, sr, nc, nr = _packed_pair_logps(model, *packed)
+        lc, lr = (sc / nc.clamp(min=1), sr / nr.clamp(min=1)) if average else (sc, sr)
+        sft = None if sft_average is None else lc if sft_average == average else (
+            sc / nc.clamp(min=1) if sft_average else sc)
+        return lc, lr, sft, nc, nr
     n = len(ch)
     ids, attn, mask = collate(ch + rj, pad_id)
     logits = _logits(model, ids, attn)
@@ -192,8 +195,12 @@ class History(list):
 
 def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, epochs: int, iteration: int,
          shuffle: bool, resume_dir: Path | None, val_fn: Callable | None, extra_state: dict | None = None,
-         phase: str = "train", max_steps: int = -1, keep_batches: bool = False, key: str = "") -> History:
+         phase: str = "train", max_steps: int = -1, keep_batches: bool = False, key: str = "",
+         micro_batches: Callable | None = None) -> History:
     """Optimizer steps over global batches of item indices; returns one metrics dict per step (+ val entries).
+
+    micro_batches(global batch) -> the micro-batches step_fn receives (default: consecutive slices of
+    micro_batch_size items; packed SFT passes rows of packed examples instead).
 
     With resume_dir, the state (weights, optimizer, history, extra tensors) is saved every save_interval steps under
     `key`; a rerun with the same key continues from the last save point, announced on stderr."""
@@ -211,6 +218,8 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
         resumed = start
         print(f"harness: {phase}: resumed from step {start} of {total} ({resume_dir})", file=sys.stderr, flush=True)
     model.train()
+    bar = progress(total - start, f"{phase} iter {iteration}" + (f" (from step {start})" if start else ""), "step")
+    t0, items = time.perf_counter(), 0
     for step in range(start, total):
         epoch, k = divmod(step, steps_per_epoch)
         order = list(range(n_items))
@@ -229,9 +238,10 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
         opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         mine = P.shard(batch)  # this data-parallel rank's part of the global batch (all of it with one rank)
-        for i in range(0, len(mine), mbs):
+        micro = micro_batches(mine) if micro_batches else [mine[i:i + mbs] for i in range(0, len(mine), mbs)]
+        for mb in micro:
             with policy.autocast():  # forward only: backward follows the forward's dtypes
-                loss, metrics = step_fn(mine[i:i + mbs], len(batch))
+                loss, metrics = step_fn(mb, len(batch))
             loss.backward()
             for name, v in metrics.items():
                 sums[name] = sums.get(name, 0.0) + v
@@ -248,12 +258,15 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
         # Both summed over ranks, so every rank stops together, before anything is saved.
         _check_finite(phase, step, total, lr, {"loss": row.get("train/loss", 0.0), "gradient norm": row["grad_norm"]})
         history.append(row)
+        items += len(batch)
+        bar.update(1, loss=row.get("train/loss", float("nan")), items_per_s=items / (time.perf_counter() - t0))
         if val_fn is not None and ((step + 1) % val_every == 0 or step + 1 == total):
             model.eval()
             history.append({"step": step + 1, **val_fn()})
             model.train()
         if resume_dir is not None and (step + 1) % sr.save_interval == 0 and step + 1 < total:
             _save_state(resume_dir, model, opt, step + 1, history, extra_state or {}, key)
+    bar.close()
     bad = next(((n, p.detach()) for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
     if bad is not None:
         _check_finite(phase, total - 1, total, lr, {f"weight {bad[0]}": float(bad[1][~torch.isfinite(bad[1])][0])})
@@ -300,12 +313,30 @@ def _val_sft(policy, val: list[Encoded], cfg: C.Config) -> Callable:
 
 
 def train_sft(policy, examples: list[tuple[str, str]], cfg: C.Config, *, validation: list[tuple[str, str]] = (),
-              iteration: int = 0, resume_dir: Path | None = None) -> History:
-    """Iteration 0: NLL of (prompt, response) examples (gold answers and judge targets), token-averaged per batch."""
+              iteration: int = 0, resume_dir: Path | None = None, packed: bool = True) -> History:
+    """Iteration 0: NLL of (prompt, response) examples (gold answers and judge targets), the mean over each global
+    batch of every example's token-averaged NLL.
+
+    packed: the global batch's examples go into rows as long as its longest example, those sharing a prefix holding
+    it once, each attending only to its own tokens at its own positions (harness.packing), micro_batch_size rows
+    per forward: the same loss as padded micro-batches of micro_batch_size examples (packed=False), without their
+    padding and repeated prefixes.
+    """
     max_len = C.seq_len(cfg, cfg.model.data.sft_ds)
     enc = [encode(policy.tokenizer, p, r, max_len) for p, r in examples]
     val = [encode(policy.tokenizer, p, r, C.seq_len(cfg, cfg.model.data.validation_ds)) for p, r in validation]
-    pad = policy.tokenizer.pad_token_id
+    pad, mbs = policy.tokenizer.pad_token_id, cfg.model.micro_batch_size
+
+    def rows_of(batch: list[int]) -> list[list[list[list[int]]]]:
+        # rows as long as the batch's longest example: no longer than its padded micro-batches, and attention
+        # (quadratic in the row length) no wider than needed
+        rows = plan(enc, batch, max(len(enc[i].ids) for i in batch))
+        return [rows[i:i + mbs] for i in range(0, len(rows), mbs)]
+
+    def packed_step(rows: list[list[list[int]]], batch_size: int):
+        packed = pack(enc, rows, pad, next(policy.model.parameters()).dtype, device=P.current().device)
+        nll = -packed_logps(policy.model, packed, average=True)
+        return nll.sum() / batch_size, {"train/loss": float(nll.detach().sum())}
 
     def step_fn(idx: list[int], batch_size: int):
         ids, attn, mask = collate([enc[i] for i in idx], pad)
@@ -314,31 +345,35 @@ def train_sft(policy, examples: list[tuple[str, str]], cfg: C.Config, *, validat
         loss = nll.sum() / batch_size
         return loss, {"train/loss": float(nll.detach().sum())}
 
-    return _run(policy, len(enc), step_fn, cfg, lr=cfg.model.sft.lr, epochs=cfg.model.sft.max_epochs, iteration=iteration,
+    return _run(policy, len(enc), packed_step if packed else step_fn, cfg, lr=cfg.model.sft.lr,
+                epochs=cfg.model.sft.max_epochs, iteration=iteration,
                 shuffle=cfg.model.data.sft_ds.shuffle, resume_dir=resume_dir,
-                val_fn=_val_sft(policy, val, cfg), phase="sft",
-                key=resume_key(examples, C.to_dict(cfg), iteration, policy.model))
+                val_fn=_val_sft(policy, val, cfg), phase="sft", micro_batches=rows_of if packed else None,
+                key=resume_key(examples, C.to_dict(cfg), iteration, policy.model, packed))
 
 
 def reference_logps(policy, ch: list[Encoded], rj: list[Encoded], average: bool, batch: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of chosen and rejected responses under the policy as it is now (the reference M_t)."""
     out_c, out_r = [], []
+    bar = progress(len(ch), "reference log-probs", "pair")
     with torch.inference_mode(), policy.autocast():
         for i in range(0, len(ch), batch):
             c, r, *_ = pair_logps(policy.model, ch[i:i + batch], rj[i:i + batch], policy.tokenizer.pad_token_id,
                                   average)
             out_c.append(c)
             out_r.append(r)
+            bar.update(len(c))
+    bar.close()
     return (torch.cat(out_c), torch.cat(out_r)) if out_c else (torch.zeros(0), torch.zeros(0))
 
 
 def code_version() -> str:
-    """A hash of the code that trains (this module and the losses): state written by other code is not reused."""
-    from harness import losses
+    """A hash of the training code (this module, the losses, packing): state written by other code is not reused."""
+    from harness import losses, packing
 
     h = hashlib.sha256()
-    for mod in (sys.modules[__name__], losses):
+    for mod in (sys.modules[__name__], losses, packing):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
 

@@ -33,8 +33,9 @@ def repro(tmp_path_factory, mlflow_server):
 
 
 def outputs(proj: Path) -> dict[str, str]:
+    """Every artifact under runs/ but the resume state and the wall-clock timings (runs/timings/, never identical)."""
     files = [p for p in (proj / "runs").rglob("*") if p.is_file() and ".gitignore" not in p.name
-             and "resume" not in p.parts]
+             and "resume" not in p.parts and "timings" not in p.parts]
     return {str(p.relative_to(proj)): tree_hash(p) for p in sorted(files)}
 
 
@@ -97,6 +98,7 @@ def test_mlflow_has_run_children_metrics_params_artifacts(repro):
 
     client = MlflowClient(repro["uri"])
     exp = client.get_experiment_by_name("self-rewarding")
+    assert exp.tags["mlflow.experimentKind"] == "finetuning"
     parents = [r for r in client.search_runs([exp.experiment_id]) if "harness.pipeline_key" in r.data.tags]
     assert len(parents) == 1
     parent = parents[0]
@@ -116,6 +118,9 @@ def test_mlflow_has_run_children_metrics_params_artifacts(repro):
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"dvc.lock", "params.yaml", "report"} <= arts
     assert "pairs_sample.json" in {a.path for a in client.list_artifacts(child1.info.run_id)}
+    assert {"prompts/iter1"} == {d.dataset.name for d in client.get_run(child1.info.run_id).inputs.dataset_inputs}
+    assert "time/train/wall_s" in child1.data.metrics
+    assert "summary.md" in {a.path.split("/")[-1] for a in client.list_artifacts(parent.info.run_id, "timings")}
 
 
 def test_length_control_change_reruns_pairs_not_generate_or_judge(repro):

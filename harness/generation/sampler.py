@@ -371,18 +371,14 @@ def _generate(policy, prompts, enc, num_samples, sp, lp, seed_parts, batch_size,
     order = sorted(range(len(prompts)), key=lambda i: (len(enc[i]), i))
     rows = [(i, j) for i in order for j in range(num_samples)]
     batches = [rows[k:k + batch_size] for k in range(0, len(rows), batch_size)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from harness.progress import progress as progress_bar
 
-        bar = tqdm(total=len(rows), desc=desc)
+    bar = progress_bar(len(rows), desc, unit="seq", enabled=progress)
     for batch in batches:
         for (i, j), res in zip(batch, _generate_batch(runner, policy, enc, batch, seed_parts, sp, lp, ends)):
             results[i][j] = res
-        if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
+        bar.update(len(batch))
+    bar.close()
     return results
 
 

@@ -78,7 +78,7 @@ def load_policy(path: str | Path, backend: str = "hf", dtype: torch.dtype = torc
     """Load a checkpoint directory or a .nemo archive onto the current device (harness.parallel: the CPU unless set
     up otherwise); bad or missing files, or NaN/inf weights, raise harness.io.DataError naming the path."""
     from harness import parallel
-    from harness.io import DataError, recover
+    from harness.io import recover
     from harness.models import nemo
 
     recover(path)  # a crash in the middle of replacing this directory left only its backup
@@ -93,7 +93,14 @@ def load_policy(path: str | Path, backend: str = "hf", dtype: torch.dtype = torc
     device = parallel.current().device
     if backend == "hf" and device.type != "cpu":
         policy.model.to(device)
-    # This rank's weights only (no collective): a NaN checkpoint must not become a NaN model and an IndexError later.
+    return check_finite(policy, path)
+
+
+def check_finite(policy: Policy, path: str | Path) -> Policy:
+    """`policy`, or DataError naming `path` and the tensors holding NaN/inf. This rank's weights only (no
+    collective): a NaN checkpoint must not become a NaN model and an IndexError later."""
+    from harness.io import DataError
+
     bad = [n for n, p in policy.model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise DataError(f"{path}: non-finite weights (NaN or inf) in {', '.join(bad[:3])}"

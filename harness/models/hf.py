@@ -109,8 +109,10 @@ def _check_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32) -> Policy:
     """Load a local HF causal-LM directory (Llama, Qwen, Mistral, GPT-2, ...) or a harness checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per load of a tiny model is noise: stages report their own progress
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: checkpoint directory not found")
@@ -127,8 +129,17 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> Policy:
     if problems:
         # transformers only warns and initialises missing weights randomly: a silent corruption here.
         raise DataError(f"{path}: weights do not match config.json: {problems}")
+    return policy_from_dir(path, model)
+
+
+def policy_from_dir(path: Path, model: torch.nn.Module, tokenizer_class: str | None = None) -> Policy:
+    """The Policy of a checkpoint directory whose weights are in `model`: its tokenizer (AutoTokenizer, or the named
+    transformers class) and harness config."""
+    import transformers
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        cls = getattr(transformers, tokenizer_class or "AutoTokenizer", None) or transformers.AutoTokenizer
+        tokenizer = cls.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{path}: cannot load the tokenizer: {type(e).__name__}: {e}") from None
     if tokenizer.pad_token is None:
