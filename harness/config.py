@@ -121,6 +121,9 @@ class Spin:
     judge_reward_regex: str = "(?i)(?:Score|Points): {{ reward }}"
     meta_judge_reward_regex: str = "(?i)Winner: (?:Judgement|Judgment) {{ reward }}"
     rollout_micro_batch_size: int = 32
+    # Task world only: oracle labels are the ceiling of DPO on the iteration's samples, random labels the floor.
+    pair_labels: str = "judge"  # judge | oracle | random
+    cream: str = "none"  # CREAM consistency regularization (arXiv 2410.12735): none | avg | dyn
     length_params: LengthParams = field(default_factory=LengthParams)
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
 
@@ -240,6 +243,8 @@ LAUNCHER_ONLY = (
     "model.data.*_ds.pin_memory", "model.data.*_ds.micro_batch_size", "model.data.*_ds.global_batch_size",
     "model.data.*_ds.output_original_text",
 )
+PAIR_LABELS = ("judge", "oracle", "random")
+CREAM_MODES = ("none", "avg", "dyn")
 PREFERENCE_LOSSES = ("dpo", "scale", "rpo_bwd_kl", "rpo_fwd_kl", "ipo", "rpo_sq")
 SCHEDULES = ("model.spin.ref_policy_kl_penalty", "model.spin.length_control")
 
@@ -502,6 +507,12 @@ def validate(cfg: Config) -> None:
     _check("{{ reward }}" in spin.judge_reward_regex, "model.spin.judge_reward_regex: must contain {{ reward }}")
     _check("{{ reward }}" in spin.meta_judge_reward_regex,
            "model.spin.meta_judge_reward_regex: must contain {{ reward }}")
+    _check(spin.pair_labels in PAIR_LABELS,
+           f"model.spin.pair_labels: one of {', '.join(PAIR_LABELS)}, got {spin.pair_labels!r}")
+    _check(spin.pair_labels == "judge" or uses_task_world(cfg),
+           f"model.spin.pair_labels={spin.pair_labels} needs the task world's oracle: it is refused with "
+           "pretrained_checkpoint.restore_from_path or model.data.train_ds.file_path set (use judge)")
+    _check(spin.cream in CREAM_MODES, f"model.spin.cream: one of {', '.join(CREAM_MODES)}, got {spin.cream!r}")
     _check(spin.rollout_micro_batch_size >= 1, "model.spin.rollout_micro_batch_size: must be >= 1")
     lp, sp = spin.length_params, spin.sampling_params
     _check(1 <= lp.max_length, "model.spin.length_params.max_length: must be >= 1")
@@ -533,6 +544,11 @@ def validate(cfg: Config) -> None:
     for k in ("num_ift", "prompts_per_iteration", "num_validation", "num_test"):
         _check(getattr(cfg.world, k) >= 1, f"world.{k}: must be >= 1")
     _check(cfg.world.num_eft >= 0, "world.num_eft: must be >= 0")
+
+
+def uses_task_world(cfg: Config) -> bool:
+    """The embedded task world (with its oracle) is used when no model checkpoint and no prompts are configured."""
+    return cfg.pretrained_checkpoint.restore_from_path is None and cfg.model.data.train_ds.file_path is None
 
 
 def _as_list(v: Any) -> list:

@@ -33,11 +33,12 @@ STAGE_PARAMS: dict[str, list[str]] = {
             "model.spin.first_iteration_sft"],
     "sft_baseline": [*_MODEL, *_LOOP, *_GEN, "model.sft", "model.data.sft_ds", "model.spin.first_iteration_sft"],
     "generate": [*_MODEL, *_GEN, "model.spin.num_responses_to_gen", "model.data.train_ds.file_path"],
-    "judge": [*_MODEL, *_GEN, *_JUDGE, "model.spin.num_evals_to_average"],
+    "judge": [*_MODEL, *_GEN, *_JUDGE, "model.spin.num_evals_to_average", "model.spin.cream"],
     "meta_judge": [*_MODEL, *_GEN, *_JUDGE, "model.spin.use_meta_judge", "model.spin.llm_meta_judge_prompt",
                    "model.spin.meta_judge_reward_regex", "model.spin.meta_max_relative_pcnt"],
     "pairs": ["seed", "model.global_batch_size", "model.spin.num_responses_to_gen", "model.spin.length_control",
-              "model.spin.use_meta_judge", "model.spin.meta_judge_pcnt"],
+              "model.spin.use_meta_judge", "model.spin.meta_judge_pcnt", "model.spin.pair_labels", "model.spin.cream",
+              "pretrained_checkpoint.restore_from_path", "model.data.train_ds.file_path"],
     "train": [*_MODEL, *_LOOP, "model.optim.lr", "model.optim.name", "trainer.self_rewarding.max_epochs",
               "trainer.self_rewarding.max_steps", "model.spin.ref_policy_kl_penalty", "model.spin.preference_loss",
               "model.spin.preference_loss_weight", "model.spin.sft_loss_weight", "model.spin.gt_reward_scale",
@@ -58,9 +59,10 @@ STAGE_CODE: dict[str, list[str]] = {
     "generate": _MODEL_CODE,
     "judge": [*_MODEL_CODE, "harness/judging"],
     "meta_judge": [*_MODEL_CODE, "harness/judging"],
-    "pairs": ["harness/pairs.py"],
+    "pairs": ["harness/pairs.py", "harness/cream.py", "harness/telemetry.py", "harness/data/world.py"],
     "train": ["harness/models", "harness/train.py", "harness/losses.py"],
-    "evaluate": [*_MODEL_CODE, "harness/judging", "harness/evaluate.py", "harness/train.py", "harness/data/world.py"],
+    "evaluate": [*_MODEL_CODE, "harness/judging", "harness/evaluate.py", "harness/train.py", "harness/data/world.py",
+                 "harness/telemetry.py"],
     "report": ["harness/evaluate.py"],
 }
 
@@ -116,11 +118,14 @@ def dvc_yaml(cfg: C.Config) -> dict:
                                         [f"{r}/iter0/model", f"{r}/world", *base_answers],
                                         [f"{r}/iter0/eval_answers.jsonl"], [f"{r}/iter0/eval.json"])
     # a dict (not a list) so DVC names the stages generate@1, generate@2, ... after the iteration
-    items = {str(t): {"it": t, "prev": f"{r}/iter{t - 1}/model" if t > 0 else base} for t in range(first, n)}
+    # prev: M_t, the model iteration t starts from; prev2: M_{t-1}, CREAM's previous judge (M0 for the first)
+    items = {str(t): {"it": t, "prev": f"{r}/iter{t - 1}/model" if t > 0 else base,
+                      "prev2": f"{r}/iter{t - 2}/model" if t > 1 else base} for t in range(first, n)}
     it, d = "${item.it}", f"{r}/iter${{item.it}}"
     per_iter = {
         "generate": (["${item.prev}", f"{r}/world"], [f"{d}/responses.jsonl"], [f"{d}/generate_metrics.json"]),
-        "judge": (["${item.prev}", f"{d}/responses.jsonl"], [f"{d}/judged.jsonl"], [f"{d}/judge_metrics.json"]),
+        "judge": (["${item.prev}", "${item.prev2}", f"{d}/responses.jsonl"], [f"{d}/judged.jsonl"],
+                  [f"{d}/judge_metrics.json"]),
         "meta_judge": (["${item.prev}", f"{d}/judged.jsonl"], [f"{d}/judge_pairs.jsonl"],
                        [f"{d}/meta_judge_metrics.json"]),
         "pairs": ([f"{d}/judged.jsonl", f"{d}/judge_pairs.jsonl"], [f"{d}/pairs.jsonl"], [f"{d}/pairs_metrics.json"]),

@@ -20,7 +20,13 @@ import torch
 from harness import config as C
 from harness.determinism import derive_seed
 from harness.io import DataError, atomic_path, read_json
-from harness.losses import implicit_rewards, preference_loss, sequence_logps, sft_loss
+from harness.losses import (
+    consistency_regularized_loss,
+    implicit_rewards,
+    preference_loss,
+    sequence_logps,
+    sft_loss,
+)
 
 
 @dataclass
@@ -319,6 +325,9 @@ def train_dpo(policy, pairs: list[dict], cfg: C.Config, *, iteration: int, valid
             with atomic_path(cache) as tmp:
                 save_file(state, str(tmp), metadata={"key": key})
     scores = torch.tensor([[p["chosen_score"], p["rejected_score"]] for p in pairs], dtype=torch.float32)
+    # CREAM: pairs carry a consistency rate (judge pairs and plain runs do not: 1, the unregularized loss)
+    cream = any("consistency" in p for p in pairs)
+    consistency = torch.tensor([p.get("consistency", 1.0) for p in pairs], dtype=torch.float32)
 
     def step_fn(idx: list[int], batch_size: int):
         n = len(idx)
@@ -327,9 +336,10 @@ def train_dpo(policy, pairs: list[dict], cfg: C.Config, *, iteration: int, valid
             sft_avg if spin.sft_loss_weight else None)  # chosen and rejected in one forward
         c_ratio = c_logps - state["ref_chosen"][idx]
         r_ratio = r_logps - state["ref_rejected"][idx]
-        pref = preference_loss(spin.preference_loss, chosen_logratio=c_ratio, rejected_logratio=r_ratio,
-                               chosen_score=scores[idx, 0], rejected_score=scores[idx, 1], beta=beta,
-                               gt_reward_scale=spin.gt_reward_scale)
+        kw = {"chosen_logratio": c_ratio, "rejected_logratio": r_ratio, "chosen_score": scores[idx, 0],
+              "rejected_score": scores[idx, 1], "beta": beta, "gt_reward_scale": spin.gt_reward_scale}
+        pref = (consistency_regularized_loss(spin.preference_loss, consistency[idx], **kw) if cream
+                else preference_loss(spin.preference_loss, **kw))
         sft = -sft_logps if spin.sft_loss_weight else torch.zeros(n)
         per_sample = spin.preference_loss_weight * pref + spin.sft_loss_weight * sft
         rc, rr = implicit_rewards(c_ratio.detach(), r_ratio.detach(), beta)

@@ -1,26 +1,30 @@
-"""The embedded default's synthetic task world: five instruction families, gold answers and a 0-5 oracle.
+"""The embedded default's synthetic task world: constrained word lists, gold answers and a 0-5 checklist oracle.
 
     build_world(cfg.world, cfg.seed, judge_text_fn, "data/world", num_iterations=3)
 
-A tiny Llama trained for minutes on CPU must learn both to answer and to judge, and the user must be able to see
-whether self-rewarding improved the policy and the judge. So prompts and answers are short, every task has a gold
-answer, and an oracle grades any response on the papers' additive 0-5 scale, one point per criterion:
+Self-rewarding rests on one premise: the model judges better than it answers. So every task is a list of given
+words and five verifiable instructions (in the manner of IFEval), and each point of the papers' additive 0-5 scale
+is one local check of the response against the prompt:
 
-    +1 relevant     uses the task's own elements (its items or words), or gives a number
-    +1 substantial  at least half right (items in place / words in uppercase / number near the sum or count)
-    +1 basic        the basic elements right (the right items / every word in order / number close)
-    +1 complete     the content exactly right
-    +1 impeccable   exactly the gold string: the requested format and nothing extra
+    +1 relevant     words   every item is one of the given words
+    +1 substantial  count   exactly k items
+    +1 basic        case    every item in the asked casing (uppercase, lowercase, title case)
+    +1 complete     <rule>  the family's rule: without a letter / starting with a word / a word last / reverse order
+    +1 impeccable   format  the items joined by the asked separator, the asked end mark, nothing else
 
-Families, easiest first: upper, reverse, sort, count, add. `meta` holds the task's inputs only (the gold is derived
-from them), so a prompt file carries no answer text, and `score_record(record, response)` works from a jsonl record.
+Meeting all five at once is hard for a small sampler (one wrong token breaks a check); checking any one of them is
+a look at the response. A response with none of the given words is off topic and scores 0. The judge's target
+(EFT) names every check with its result and a running total, so the final `Score: N` is the last total, never a
+count done in the head: "words yes 1, count yes 2, case no 2, letter yes 3, format no 3\\nScore: 3".
+
+Families (the rule): avoid, start, last, reverse. `meta` holds the task's inputs only (the gold is derived from
+them), so a prompt file carries no answer text, and `score_record(record, response)` works from a jsonl record.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,23 +33,20 @@ from typing import Any
 from harness.data.sft import make_record, write_sft
 from harness.io import write_jsonl
 
-FAMILIES = ("upper", "reverse", "sort", "count", "add")
+FAMILIES = ("avoid", "start", "last", "reverse")
 SCORES = range(6)
+CHECKS = ("words", "count", "case", "rule", "format")  # the rubric's five points, in order
 
-# No a/i (English one-letter words would read as items), no l/o/0/1 (look-alikes).
-_SYMBOLS = "bcdefghjkmnpqrstuvwxyz23456789"
 _WORDS = ("cat", "dog", "sun", "map", "cup", "hat", "pen", "box", "fox", "egg", "jam", "kit", "log", "net", "owl",
           "pig", "rug", "van", "web", "yak", "bee", "car", "fig", "gum", "ink", "key", "leg", "mud", "nut", "oak",
           "pie", "ram", "sky", "toe", "bus", "bed", "cow", "jar", "lip", "mop")
-_COUNT_LETTERS = "abcdef"
-_WRAPS = ("The answer is: {}", "Answer: {}", "{}.", "Sure! Here it is: {}", "Result: {}")
+_CASES = ("uppercase", "lowercase", "title case")
+_SEPS = {"commas": ", ", "dashes": " - ", "slashes": " / "}
+_ENDS = (".", "!", "?")
+_RULE_NAME = {"avoid": "letter", "start": "start", "last": "last", "reverse": "order"}
 _OFF_TOPIC = ("I do not know.", "Sorry, I cannot help with that.", "Hello! How are you today?", "Maybe later.",
               "That is a good question.", "Please ask me something else.")
-
-_SYMBOL_RE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9](?![A-Za-z0-9])")
-_UINT_RE = re.compile(r"(?<![0-9])[0-9]+(?![0-9])")
-_INT_RE = re.compile(r"-?[0-9]+")
-_WORD_RE = re.compile(r"[A-Za-z]+")
+_ITEM_RE = re.compile(r"[A-Za-z]+")
 
 
 @dataclass
@@ -60,233 +61,186 @@ class Task:
 @dataclass(frozen=True)
 class Grade:
     score: int  # 0..5
-    reason: str  # a short truthful sentence (< 15 words): what the oracle saw
+    reason: str  # a short truthful line: each check, its result and the running total
+    checks: tuple[bool, ...] = ()  # the five checks (CHECKS order); () when off topic
 
 
-# ----------------------------------------------------------------------------------------------------- graders
-def _grade_sequence(given: list[str], gold: list[str], response: str) -> Grade:
-    n = len(gold)
-    if not set(given) & set(gold):
-        return Grade(0, "None of the given items appear.")
-    k = sum(a == b for a, b in zip(given, gold))
-    right_items = Counter(given) == Counter(gold)
-    correct = given == gold
-    exact = response.strip() == " ".join(gold)
-    tail = "exact format" if exact else "correct, inexact format" if correct else "incorrect"
-    reason = f"Relevant; {k} of {n} in place; {'right' if right_items else 'wrong'} items; {tail}."
-    return Grade(1 + (2 * k >= n) + right_items + correct + exact, reason)
+# ----------------------------------------------------------------------------------------------------- the checks
+def _cased(word: str, case: str) -> str:
+    return word.upper() if case == "uppercase" else word.lower() if case == "lowercase" else word.capitalize()
 
 
-def _grade_reverse(meta: dict, response: str) -> Grade:
-    return _grade_sequence(_SYMBOL_RE.findall(response), _gold_items(meta), response)
+def _rule_ok(meta: dict, low: list[str]) -> bool:
+    fam, arg = meta["family"], meta.get("arg")
+    if fam == "avoid":
+        return all(arg not in w for w in low)
+    if fam == "start":
+        return low[0] == arg
+    if fam == "last":
+        return low[-1] == arg
+    pos = [meta["words"].index(w) for w in low if w in meta["words"]]  # reverse: given words in falling order
+    return len(pos) >= 2 and all(a > b for a, b in zip(pos, pos[1:]))
 
 
-def _grade_sort(meta: dict, response: str) -> Grade:
-    return _grade_sequence(_UINT_RE.findall(response), _gold_items(meta), response)
+def checks(meta: dict, response: str) -> tuple[bool, ...] | None:
+    """The five checks of `response` (CHECKS order), or None when it holds none of the given words (off topic)."""
+    items = _ITEM_RE.findall(response)
+    low = [w.lower() for w in items]
+    given = set(meta["words"])
+    if not given & set(low):
+        return None
+    return (
+        all(w in given for w in low),
+        len(items) == meta["k"],
+        all(w == _cased(w, meta["case"]) for w in items),
+        _rule_ok(meta, low),
+        response.strip() == _SEPS[meta["sep"]].join(items) + meta["end"],
+    )
 
 
-def _grade_upper(meta: dict, response: str) -> Grade:
-    words, up = meta["words"], [w.upper() for w in meta["words"]]
-    pool = set(words)
-    hits = [t for t in _WORD_RE.findall(response) if t.lower() in pool]
-    if not hits:
-        return Grade(0, "None of the given words appear.")
-    n = len(words)
-    k = sum(u in hits for u in up)
-    in_order = [h.lower() for h in hits] == words
-    correct = hits == up
-    exact = response.strip() == ", ".join(up)
-    tail = "exact format" if exact else "correct, inexact format" if correct else "incorrect"
-    reason = f"Relevant; {k} of {n} uppercase; {'words in order' if in_order else 'wrong words or order'}; {tail}."
-    return Grade(1 + (2 * k >= n) + in_order + correct + exact, reason)
+def _spec(meta: dict) -> dict:
+    if meta.get("family") not in FAMILIES:
+        raise ValueError(f"unknown task family {meta.get('family')!r}; expected one of {', '.join(FAMILIES)}")
+    return meta
 
 
-def _grade_number(response: str, gold: int, near: int, close: int) -> Grade:
-    found = _INT_RE.findall(response)
-    if not found:
-        return Grade(0, "No number in the answer.")
-    last = found[-1]  # the answer is the last number: "23 + 45 = 68" answers 68
-    # int() of a huge digit string is slow (and refused past 4300 digits): anything that long is far off anyway.
-    d = abs(int(last) - gold) if len(last) <= 12 else None
-    shown = last if len(last) <= 6 else "a long number"
-    if d is None or d > near:
-        return Grade(1, f"Answer {shown}, far off.")
-    exact = response.strip() == str(gold)
-    if d == 0:
-        return Grade(4 + exact, f"Answer {shown}, correct; {'exact format' if exact else 'inexact format'}.")
-    return Grade(2 + (d <= close), f"Answer {shown}, off by {d}; {'close' if d <= close else 'near'}.")
+# ----------------------------------------------------------------------------------------------------- tasks
+def _rule_phrase(meta: dict) -> str:
+    fam, arg = meta["family"], meta.get("arg")
+    return {"avoid": f"without the letter {arg}", "start": f"starting with {arg}", "last": f"with {arg} last",
+            "reverse": "in reverse order"}[fam]
 
 
-def _grade_count(meta: dict, response: str) -> Grade:
-    return _grade_number(response, int(_gold_count(meta)), near=2, close=1)
+def _prompt(meta: dict) -> str:
+    return (f"Words: {' '.join(meta['words'])}. Write {meta['k']} of them {_rule_phrase(meta)}, in {meta['case']}, "
+            f"separated by {meta['sep']}, ending with {meta['end']}")
 
 
-def _grade_add(meta: dict, response: str) -> Grade:
-    return _grade_number(response, sum(meta["operands"]), near=10, close=2)
+def _valid_words(meta: dict) -> list[str]:
+    """The given words a full-score answer may use, in the order the gold uses them."""
+    fam, arg, words = meta["family"], meta.get("arg"), meta["words"]
+    if fam == "avoid":
+        return [w for w in words if arg not in w]
+    if fam == "reverse":
+        return list(reversed(words))
+    return [w for w in words if w != arg]
 
 
-# ------------------------------------------------------------------------------------------- task generators
 def _gold_items(meta: dict) -> list[str]:
+    fam, arg, k = meta["family"], meta.get("arg"), meta["k"]
+    rest = _valid_words(meta)
+    if fam == "start":
+        return [arg, *rest[: k - 1]]
+    if fam == "last":
+        return [*rest[: k - 1], arg]
+    return rest[:k]
+
+
+def _render(meta: dict, items: list[str]) -> str:
+    return _SEPS[meta["sep"]].join(_cased(w, meta["case"]) for w in items) + meta["end"]
+
+
+def _sample(family: str, rng: random.Random) -> dict:
+    for _ in range(1000):
+        words = rng.sample(_WORDS, rng.randint(4, 6))
+        meta = {"family": family, "words": words, "case": rng.choice(_CASES), "sep": rng.choice(sorted(_SEPS)),
+                "end": rng.choice(_ENDS), "arg": None}
+        if family == "avoid":
+            # a letter some (not all, and not all but one) given words hold, so the rule excludes something
+            counts = {c: sum(c in w for w in words) for c in sorted(set("".join(words)))}
+            letters = [c for c, n in counts.items() if 1 <= n <= len(words) - 2]
+            if not letters:
+                continue
+            meta["arg"] = rng.choice(letters)
+            top = len(words) - counts[meta["arg"]]
+        else:
+            if family in ("start", "last"):
+                meta["arg"] = rng.choice(words)
+            top = len(words) - 1
+        meta["k"] = rng.randint(2, min(top, 4))
+        return meta
+    raise RuntimeError(f"world: no {family} task found")
+
+
+# ----------------------------------------------------------------------------------------------------- degrade
+def _candidate(meta: dict, fail: set[str], rng: random.Random) -> str:
+    """A response meant to fail exactly the checks in `fail` (the caller verifies with the oracle)."""
+    words, k, arg = meta["words"], meta["k"], meta.get("arg")
+    valid = _valid_words(meta)
     if meta["family"] == "reverse":
-        return list(reversed(meta["items"]))
-    return [str(x) for x in sorted(meta["items"])]
-
-
-def _gold_count(meta: dict) -> str:
-    return str(meta["seq"].count(meta["letter"]))
-
-
-def _sample_count(rng: random.Random) -> dict:
-    letter = rng.choice(_COUNT_LETTERS)
-    others = [c for c in _COUNT_LETTERS if c != letter]
-    seq = [letter if rng.random() < 0.3 else rng.choice(others) for _ in range(rng.randint(4, 9))]
-    return {"letter": letter, "seq": seq}
-
-
-@dataclass(frozen=True)
-class _Family:
-    sample: Callable[[random.Random], dict]  # the inputs (without "family")
-    prompt: Callable[[dict], str]
-    gold: Callable[[dict], str]
-    grade: Callable[[dict, str], Grade]
-    degrade: Callable[[dict, int, random.Random], str]  # a candidate response aimed at a score
-
-
-def _wrap(body: str, rng: random.Random) -> str:
-    return rng.choice(_WRAPS).format(body) if rng.random() < 0.5 else body
-
-
-def _degrade_sequence(gold: list[str], foreign: list[str], target: int, rng: random.Random) -> str:
-    n, seq = len(gold), list(gold)
-    if target == 5:
-        return " ".join(gold)
-    if target == 4:
-        return rng.choice([", ".join(gold), rng.choice(_WRAPS).format(" ".join(gold)),
-                           rng.choice(_WRAPS).format(", ".join(gold))])
-    if target == 3:  # one adjacent swap: n - 2 >= n / 2 in place for n >= 4, right items
-        i = rng.randrange(n - 1)
-        seq[i], seq[i + 1] = seq[i + 1], seq[i]
-    elif target == 2:  # right items mostly out of place, or mostly in place with an item wrong or missing
-        way = rng.randrange(3)
-        if way == 0:
-            rng.shuffle(seq)
-        elif way == 1:
-            seq[rng.randrange(n)] = rng.choice(foreign)
-        else:
-            seq.pop()
-    elif target == 1:  # a few of the items, out of place
-        seq = rng.sample(gold, rng.randint(1, (n - 1) // 2)) + rng.sample(foreign, rng.randint(0, 1))
-        rng.shuffle(seq)
+        start = rng.randrange(len(words) - k + 1)
+        items = list(reversed(words))[start:start + k]
     else:
-        return rng.choice(_OFF_TOPIC) if rng.random() < 0.5 else " ".join(rng.sample(foreign, rng.randint(1, 3)))
-    return _wrap(" ".join(seq), rng)
-
-
-def _degrade_reverse(meta: dict, target: int, rng: random.Random) -> str:
-    return _degrade_sequence(_gold_items(meta), [s for s in _SYMBOLS if s not in meta["items"]], target, rng)
-
-
-def _degrade_sort(meta: dict, target: int, rng: random.Random) -> str:
-    foreign = [str(x) for x in range(100) if x not in meta["items"]]
-    return _degrade_sequence(_gold_items(meta), foreign, target, rng)
-
-
-def _degrade_upper(meta: dict, target: int, rng: random.Random) -> str:
-    words, up = meta["words"], [w.upper() for w in meta["words"]]
-    n = len(words)
-    if target == 5:
-        return ", ".join(up)
-    if target == 4:
-        return rng.choice([" ".join(up), ",".join(up), rng.choice(_WRAPS).format(", ".join(up))])
-    if target == 3:  # every word in order, at least half but not all in uppercase
-        lower = set(rng.sample(range(n), rng.randint(1, n - (n + 1) // 2)))
-        return ", ".join(w if i in lower else u for i, (w, u) in enumerate(zip(words, up)))
-    if target == 2:
-        way, seq = rng.randrange(3), list(up)
-        if way == 0:
-            seq = list(words)
-        elif way == 1:
-            seq.pop(rng.randrange(n))
+        picks = rng.sample(valid, min(k - (meta["family"] in ("start", "last")), len(valid)))
+        picks.sort(key=words.index)
+        items = [arg, *picks] if meta["family"] == "start" else [*picks, arg] if meta["family"] == "last" else picks
+    if "rule" in fail:
+        fam = meta["family"]
+        if fam == "avoid":
+            items[rng.randrange(len(items))] = rng.choice([w for w in words if arg in w])
+        elif fam == "reverse":
+            items.reverse()
+        else:  # start / last: the word elsewhere, or missing
+            others = [w for w in words if w != arg and w not in items]
+            if rng.random() < 0.5 or not others:
+                rng.shuffle(items)
+                if (fam == "start" and items[0] == arg) or (fam == "last" and items[-1] == arg):
+                    items.reverse()
+            else:
+                items[0 if fam == "start" else -1] = rng.choice(others)
+    if "count" in fail:
+        pool = [w for w in valid if w not in items] or valid
+        if len(items) > 2 and rng.random() < 0.5:
+            items.pop(rng.randrange(1, len(items) - 1))
         else:
-            i = rng.randrange(n - 1)
-            seq[i], seq[i + 1] = seq[i + 1], seq[i]
-        return _wrap(", ".join(seq), rng)
-    if target == 1:
-        return _wrap(", ".join(rng.sample(words, rng.randint(1, n - 1))), rng)
-    return rng.choice(_OFF_TOPIC)
+            items.insert(rng.randrange(1, len(items)), rng.choice(pool))
+    if "words" in fail:
+        foreign = [w for w in _WORDS if w not in words and (meta["family"] != "avoid" or arg not in w)]
+        at = rng.randrange(1, len(items)) if meta["family"] == "start" else rng.randrange(len(items) - 1) if (
+            meta["family"] == "last") else rng.randrange(len(items))
+        items[at] = rng.choice(foreign)
+    case = meta["case"]
+    cased = [_cased(w, case) for w in items]
+    if "case" in fail:
+        other = rng.choice([c for c in _CASES if c != case])
+        idx = range(len(cased)) if rng.random() < 0.5 else [rng.randrange(len(cased))]
+        for i in idx:
+            cased[i] = _cased(items[i], other)
+    sep, end = _SEPS[meta["sep"]], meta["end"]
+    if "format" in fail:
+        way = rng.randrange(4)
+        if way == 0:
+            sep = rng.choice([s for s in (*_SEPS.values(), " ", ",") if s != sep])
+        elif way == 1:
+            end = rng.choice([e for e in (*_ENDS, "", "..") if e != end])
+        elif way == 2 and len(cased) > 1:
+            i = rng.randrange(len(cased) - 1)
+            wrong = rng.choice([s for s in (*_SEPS.values(), " ") if s != sep])
+            return sep.join(cased[: i + 1]) + wrong + sep.join(cased[i + 1:]) + end
+        else:
+            sep, end = rng.choice([s for s in (*_SEPS.values(), " ") if s != sep]), rng.choice(["", *_ENDS])
+    return sep.join(cased) + end
 
 
-def _degrade_number(gold: int, near: int, close: int, target: int, rng: random.Random, echo: str = "") -> str:
-    if target == 5:
-        return str(gold)
-    if target == 4:
-        return f"{echo} = {gold}" if echo and rng.random() < 0.3 else rng.choice(_WRAPS).format(gold)
-    if target == 0:
+def _off_topic(meta: dict, rng: random.Random) -> str:
+    if rng.random() < 0.5:
         return rng.choice(_OFF_TOPIC)
-    lo, hi = {3: (1, close), 2: (close + 1, near), 1: (near + 1, near + 20)}[target]
-    d = rng.randint(lo, hi)
-    return _wrap(str(gold + d if gold - d < 0 or rng.random() < 0.5 else gold - d), rng)
-
-
-def _degrade_count(meta: dict, target: int, rng: random.Random) -> str:
-    return _degrade_number(int(_gold_count(meta)), 2, 1, target, rng)
-
-
-def _degrade_add(meta: dict, target: int, rng: random.Random) -> str:
-    ops = meta["operands"]
-    return _degrade_number(sum(ops), 10, 2, target, rng, echo=" + ".join(map(str, ops)))
-
-
-_SPECS: dict[str, _Family] = {
-    "upper": _Family(
-        sample=lambda rng: {"words": rng.sample(_WORDS, rng.randint(3, 5))},
-        prompt=lambda m: f"Write these words in uppercase, separated by commas: {' '.join(m['words'])}",
-        gold=lambda m: ", ".join(w.upper() for w in m["words"]),
-        grade=_grade_upper, degrade=_degrade_upper),
-    "reverse": _Family(
-        sample=lambda rng: {"items": rng.sample(_SYMBOLS, rng.randint(4, 7))},
-        prompt=lambda m: f"Reverse the order of this list: {' '.join(m['items'])}",
-        gold=lambda m: " ".join(_gold_items(m)),
-        grade=_grade_reverse, degrade=_degrade_reverse),
-    "sort": _Family(
-        sample=lambda rng: {"items": rng.sample(range(100), rng.randint(4, 6))},
-        prompt=lambda m: f"Sort these numbers from smallest to largest: {' '.join(map(str, m['items']))}",
-        gold=lambda m: " ".join(_gold_items(m)),
-        grade=_grade_sort, degrade=_degrade_sort),
-    "count": _Family(
-        sample=_sample_count,
-        prompt=lambda m: f"In the list {' '.join(m['seq'])}, how many times does {m['letter']} appear? "
-                         "Give only the number.",
-        gold=_gold_count,
-        grade=_grade_count, degrade=_degrade_count),
-    "add": _Family(
-        sample=lambda rng: {"operands": [rng.randint(1, 60) for _ in range(rng.randint(2, 3))]},
-        prompt=lambda m: f"What is {' + '.join(map(str, m['operands']))}? Give only the number.",
-        gold=lambda m: str(sum(m["operands"])),
-        grade=_grade_add, degrade=_degrade_add),
-}
+    foreign = [w for w in _WORDS if w not in meta["words"]]
+    return _render(meta, rng.sample(foreign, rng.randint(1, 3)))
 
 
 # ------------------------------------------------------------------------------------------------ public API
 def _meta(task_or_meta: Task | dict) -> dict:
-    return task_or_meta.meta if isinstance(task_or_meta, Task) else task_or_meta
-
-
-def _spec(meta: dict) -> _Family:
-    family = meta.get("family")
-    if family not in _SPECS:
-        raise ValueError(f"unknown task family {family!r}; expected one of {', '.join(FAMILIES)}")
-    return _SPECS[family]
+    return _spec(task_or_meta.meta if isinstance(task_or_meta, Task) else task_or_meta)
 
 
 def make_task(family: str, rng: random.Random, task_id: str) -> Task:
-    spec = _spec({"family": family})
-    meta = {"family": family, **spec.sample(rng)}
-    return Task(id=task_id, family=family, prompt=spec.prompt(meta), gold=spec.gold(meta), meta=meta)
+    meta = _sample(_spec({"family": family})["family"], rng)
+    return Task(id=task_id, family=family, prompt=_prompt(meta), gold=_render(meta, _gold_items(meta)), meta=meta)
 
 
 def make_tasks(n: int, rng: random.Random, id_prefix: str, exclude: set[str] | None = None) -> list[Task]:
-    """n tasks, families round-robin (task i is FAMILIES[i % 5]), ids f"{id_prefix}-{i:05d}".
+    """n tasks, families round-robin (task i is FAMILIES[i % 4]), ids f"{id_prefix}-{i:05d}".
 
     Prompts are unique within the list and never in `exclude`, which is updated with the new prompts (pass one set
     to every split to keep splits disjoint by prompt text).
@@ -307,11 +261,19 @@ def make_tasks(n: int, rng: random.Random, id_prefix: str, exclude: set[str] | N
 
 
 def grade(task_or_meta: Task | dict, response: str) -> Grade:
-    """The oracle's score and its reason. Deterministic, cheap, never raises on any response string."""
+    """The oracle's score, its reason and the five checks. Deterministic, cheap, never raises on any string."""
     if not isinstance(response, str):
         return Grade(0, "No answer.")
     meta = _meta(task_or_meta)
-    return _spec(meta).grade(meta, response)
+    ok = checks(meta, response)
+    if ok is None:
+        return Grade(0, "No given words.")
+    names = ("words", "count", "case", _RULE_NAME[meta["family"]], "format")
+    parts, total = [], 0
+    for name, passed in zip(names, ok):
+        total += passed
+        parts.append(f"{name} {'yes' if passed else 'no'} {total}")
+    return Grade(total, ", ".join(parts), ok)
 
 
 def oracle_score(task_or_meta: Task | dict, response: str) -> int:
@@ -325,24 +287,27 @@ def score_record(record: dict, response: str) -> int:
 
 def gold_answer(task_or_meta: Task | dict) -> str:
     meta = _meta(task_or_meta)
-    return _spec(meta).gold(meta)
+    return _render(meta, _gold_items(meta))
 
 
 def judgement(task_or_meta: Task | dict, response: str) -> str:
-    """The EFT target: the oracle's short reason, then "Score: X" (what the judge parser reads)."""
+    """The EFT target: the oracle's checklist reason, then "Score: X" (what the judge parser reads)."""
     g = grade(task_or_meta, response)
     return f"{g.reason}\nScore: {g.score}"
 
 
-def degrade(task_or_meta: Task | dict, target_score: int, rng: random.Random, max_tries: int = 200) -> str:
-    """A response whose oracle score is exactly target_score (0..5), varied by rng."""
+def degrade(task_or_meta: Task | dict, target_score: int, rng: random.Random, max_tries: int = 400) -> str:
+    """A response whose oracle score is exactly target_score (0..5), varied by rng: which checks fail is drawn
+    uniformly among the 5 - target_score sized subsets, so the judge sees each check fail on its own."""
     if target_score not in SCORES:
         raise ValueError(f"target_score must be in 0..5, got {target_score}")
     meta = _meta(task_or_meta)
-    spec = _spec(meta)
     for _ in range(max_tries):
-        response = spec.degrade(meta, target_score, rng)
-        if spec.grade(meta, response).score == target_score:
+        if target_score == 0:
+            response = _off_topic(meta, rng)
+        else:
+            response = _candidate(meta, set(rng.sample(CHECKS, 5 - target_score)), rng)
+        if grade(meta, response).score == target_score:
             return response
     raise RuntimeError(f"degrade: no response scoring {target_score} for {meta} after {max_tries} tries")
 
@@ -398,7 +363,7 @@ def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], s
 
     rng = random.Random(f"world:{seed}:judge_eval:responses")
     rows = []
-    for t in tasks("judge_eval", max(1, world_cfg.num_test // 2)):
+    for t in tasks("judge_eval", max(1, world_cfg.num_test // 4)):
         for j, s in enumerate(rng.sample(SCORES, rng.choice((2, 3)))):
             rows.append({"id": f"{t.id}-r{j}", "task_id": t.id, "prompt": t.prompt, "response": degrade(t, s, rng),
                          "oracle_score": s, "family": t.family, "meta": t.meta})
@@ -406,7 +371,7 @@ def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], s
 
     put("ift", _sft_rows(tasks("ift", world_cfg.num_ift), with_gold=True))
 
-    # EFT: task i is family i % 5 and gets score i % 6, so (family, score) cells are balanced too.
+    # EFT: task i is family i % 4 and gets score i % 6, so (family, score) cells are balanced too.
     rng = random.Random(f"world:{seed}:eft:responses")
     rows = []
     for i, t in enumerate(tasks("eft", world_cfg.num_eft)):
@@ -443,4 +408,4 @@ def world_texts(n: int, seed: int) -> list[str]:
         response = degrade(t, i % 6, rng)
         texts += [t.prompt, t.gold, response, judgement(t, response)]
     chars = "".join(chr(c) for c in range(33, 127))
-    return texts + [" ".join(_OFF_TOPIC), " ".join(_WRAPS), chars]
+    return texts + [" ".join(_OFF_TOPIC), chars]
