@@ -320,9 +320,11 @@ def meta_judgement_example(t: Task, i: int, rng: random.Random) -> tuple[str, st
     """(response, judgement A, judgement B, target, oracle score) for a meta-judge seed example.
 
     One judgement is the oracle's reason for the response, the other the reason for a response of another score;
-    Score lines are left out, as the meta-judge sees judgements (parse.strip_score). The true one is A for even i.
+    Score lines are left out, as the meta-judge sees judgements (parse.strip_score). Task i is family i % 4 (see
+    make_tasks); its score is (i // 4) % 6 and the true judgement is A when (i // 24) is even, so family, score and
+    winner are balanced and independent (a winner tied to the score would be a shortcut).
     """
-    score = i % 6
+    score = (i // len(FAMILIES)) % 6
     response = degrade(t, score, rng)
     right = grade(t, response).reason
     for _ in range(50):
@@ -331,7 +333,7 @@ def meta_judgement_example(t: Task, i: int, rng: random.Random) -> tuple[str, st
             break
     else:
         raise RuntimeError(f"meta-judge seed: no distinct wrong judgement for task {t.id}")
-    winner = "A" if i % 2 == 0 else "B"
+    winner = "A" if (i // (6 * len(FAMILIES))) % 2 == 0 else "B"
     a, b = (right, wrong) if winner == "A" else (wrong, right)
     return response, a, b, f"Judgement {winner} fits the answer.\nWinner: Judgement {winner}", score
 
@@ -371,13 +373,14 @@ def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], s
 
     put("ift", _sft_rows(tasks("ift", world_cfg.num_ift), with_gold=True))
 
-    # EFT: task i is family i % 4 and gets score i % 6, so (family, score) cells are balanced too.
+    # EFT: task i is family i % 4 and gets score (i // 4) % 6, so (family, score) cells are balanced too.
     rng = random.Random(f"world:{seed}:eft:responses")
     rows = []
     for i, t in enumerate(tasks("eft", world_cfg.num_eft)):
-        response = degrade(t, i % 6, rng)
+        score = (i // len(FAMILIES)) % 6
+        response = degrade(t, score, rng)
         rows.append(make_record(judge_text_fn(t.prompt, response), judgement(t, response), id=t.id,
-                                meta={**t.meta, "prompt": t.prompt, "response": response, "oracle_score": i % 6}))
+                                meta={**t.meta, "prompt": t.prompt, "response": response, "oracle_score": score}))
     rng.shuffle(rows)
     put("eft", rows)
 
