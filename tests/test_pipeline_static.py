@@ -36,10 +36,13 @@ def test_iterations_follow_max_iterations():
     items = d["stages"]["generate"]["foreach"]
     assert [(k, i["it"]) for k, i in items.items()] == [("1", 1), ("2", 2), ("3", 3), ("4", 4)]
     assert items["1"]["prev"] == "runs/iter0/model" and items["4"]["prev"] == "runs/iter3/model"
+    # CREAM's previous judge M_{t-1}: the base model M0 for the first self-rewarding iteration
+    assert items["1"]["prev2"] == "runs/base/model" and items["4"]["prev2"] == "runs/iter2/model"
     cfg = C.load(None, ["trainer.self_rewarding.max_iterations=2", "pretrained_checkpoint.restore_from_path=/m"],
                  warn=None)
     d = pipeline.dvc_yaml(cfg)
-    assert "sft" not in d["stages"] and d["stages"]["generate"]["foreach"]["0"] == {"it": 0, "prev": "/m"}
+    assert "sft" not in d["stages"] and d["stages"]["generate"]["foreach"]["0"] == {"it": 0, "prev": "/m",
+                                                                                       "prev2": "/m"}
 
 
 def test_stage_config_is_the_subset_the_stage_reads():
