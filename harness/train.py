@@ -171,7 +171,8 @@ def _load_state(path: Path, model, opt) -> tuple[int, list, dict[str, torch.Tens
 # ----------------------------------------------------------------------------------------------------- the loop
 def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, epochs: int, iteration: int,
          shuffle: bool, resume_dir: Path | None, val_fn: Callable | None, extra_state: dict | None = None,
-         phase: str = "train", max_steps: int = -1, keep_batches: bool = False, key: str = "") -> list[dict]:
+         phase: str = "train", max_steps: int = -1, keep_batches: bool = False, key: str = "",
+         lengths: list[int] | None = None) -> list[dict]:
     """Optimizer steps over global batches of item indices; returns one metrics dict per step (+ val entries)."""
     model, m, sr = policy.model, cfg.model, cfg.trainer.self_rewarding
     gbs, mbs = m.global_batch_size, m.micro_batch_size
@@ -199,6 +200,8 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
                 order = [i for b in blocks for i in b] + order[full * gbs:]
             else:
                 rng.shuffle(order)
+                if lengths is not None:
+                    order = group_by_length(order, lengths, gbs, rng)
         batch = order[k * gbs:(k + 1) * gbs]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, lr, m.optim.sched)
@@ -223,6 +226,21 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
             _save_state(resume_dir, model, opt, step + 1, history, extra_state or {}, key)
     model.eval()
     return history
+
+
+def group_by_length(order: list[int], lengths: list[int], gbs: int, rng: random.Random, chunk: int = 8) -> list[int]:
+    """Shuffled order regrouped so each global batch holds items of similar length: within consecutive chunks of
+    `chunk` global batches, items are sorted by length and cut into batches, then all batches are shuffled (a short
+    last batch stays last). A batch is padded to its longest item, so mixing 40- and 150-token examples (answers,
+    judgements, meta-judgements) would spend a third of SFT's compute on padding."""
+    size = gbs * chunk
+    batches = []
+    for i in range(0, len(order), size):
+        part = sorted(order[i:i + size], key=lambda j: lengths[j])
+        batches += [part[k:k + gbs] for k in range(0, len(part), gbs)]
+    full = [b for b in batches if len(b) == gbs]
+    rng.shuffle(full)
+    return [j for b in full for j in b] + [j for b in batches if len(b) < gbs for j in b]
 
 
 def _val_sft(policy, val: list[Encoded], cfg: C.Config) -> Callable:
@@ -259,7 +277,7 @@ def train_sft(policy, examples: list[tuple[str, str]], cfg: C.Config, *, validat
 
     return _run(policy, len(enc), step_fn, cfg, lr=cfg.model.sft.lr, epochs=cfg.model.sft.max_epochs, iteration=iteration,
                 shuffle=cfg.model.data.sft_ds.shuffle, resume_dir=resume_dir,
-                val_fn=_val_sft(policy, val, cfg), phase="sft",
+                val_fn=_val_sft(policy, val, cfg), phase="sft", lengths=[len(e.ids) for e in enc],
                 key=resume_key(examples, C.to_dict(cfg), iteration, policy.model))
 
 
