@@ -23,8 +23,8 @@ from harness.io import read_json, read_jsonl, write_jsonl
 from harness.stages import Layout, run_pairs
 from harness.telemetry import own_pairwise_acc, pair_quality
 
-ORACLE = {"avoid": [5, 3, 1, 1], "start": [2, 2, 4, 0], "last": [1, 4, 3, 3], "reverse": [5, 0, 2, 2]}
-JUDGE = {"avoid": [4, 4.5, 1, 2], "start": [3, 1, 2, 2.5], "last": [4, 1, 2, 2], "reverse": [5, 0, 3, 3]}
+ORACLE = {"skip": [5, 3, 1, 1], "start": [2, 2, 4, 0], "last": [1, 4, 3, 3], "reverse": [5, 0, 2, 2]}
+JUDGE = {"skip": [4, 4.5, 1, 2], "start": [3, 1, 2, 2.5], "last": [4, 1, 2, 2], "reverse": [5, 0, 3, 3]}
 
 
 def _judged(tmp_path, judge=JUDGE) -> Layout:
@@ -56,7 +56,7 @@ def test_pair_telemetry_on_hand_built_pairs(tmp_path):
     assert m["pairs/policy_pairs"] == 4
     assert (m["pairs/oracle_correct_frac"], m["pairs/oracle_tie_frac"], m["pairs/oracle_reversed_frac"]) == (
         0.5, 0.25, 0.25)
-    assert m["pairs/avoid/oracle_correct_frac"] == 1.0 and m["pairs/start/oracle_tie_frac"] == 1.0
+    assert m["pairs/skip/oracle_correct_frac"] == 1.0 and m["pairs/start/oracle_tie_frac"] == 1.0
     assert m["pairs/last/oracle_reversed_frac"] == 1.0 and m["pairs/reverse/oracle_correct_frac"] == 1.0
     assert m["pairs/judge_own_pairwise_acc"] == pytest.approx(0.55) and m["pairs/judge_own_pairs"] == 20
     assert m["pairs/start/judge_own_pairwise_acc"] == pytest.approx(0.4)

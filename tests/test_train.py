@@ -206,3 +206,19 @@ def test_resume_state_of_other_inputs_is_ignored(tok, tmp_path, monkeypatch):
     assert [r["step"] for r in h if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
     for (n, a), b in zip(fresh.model.state_dict().items(), after_crash.model.state_dict().values()):
         assert torch.equal(a, b), n
+
+
+def test_group_by_length_keeps_every_item_and_groups_lengths():
+    import random
+
+    lengths = [40, 95, 140] * 40  # answers, judgements, meta-judgements
+    order = list(range(len(lengths)))
+    random.Random(0).shuffle(order)
+    out = T.group_by_length(order, lengths, gbs=8, rng=random.Random(1), chunk=5)
+    assert sorted(out) == list(range(len(lengths)))
+    batches = [out[i:i + 8] for i in range(0, len(out), 8)]
+    pad = sum(8 * max(lengths[j] for j in b) - sum(lengths[j] for j in b) for b in batches)
+    mixed = sum(8 * max(lengths[j] for j in order[i:i + 8]) - sum(lengths[j] for j in order[i:i + 8])
+                for i in range(0, len(order), 8))
+    assert pad < 0.25 * mixed  # padding of length-grouped batches vs the shuffled order's
+    assert T.group_by_length(order, lengths, 8, random.Random(1), 5) == out  # a pure function of the rng

@@ -20,41 +20,42 @@ from harness.io import read_jsonl, tree_hash
 from harness.judging import parse
 
 META = {
-    "avoid": {"family": "avoid", "words": ["cat", "dog", "sun", "pen", "fox"], "k": 2, "case": "uppercase",
-              "sep": "commas", "end": ".", "arg": "o"},  # gold "CAT, SUN."
-    "start": {"family": "start", "words": ["oak", "car", "hat", "lip"], "k": 3, "case": "lowercase", "sep": "dashes",
-              "end": "!", "arg": "hat"},  # gold "hat - oak - car!"
-    "last": {"family": "last", "words": ["bee", "fig", "jam", "nut", "web"], "k": 2, "case": "title case",
-             "sep": "slashes", "end": "?", "arg": "jam"},  # gold "Bee / Jam?"
-    "reverse": {"family": "reverse", "words": ["cup", "ink", "key", "mud", "toe"], "k": 3, "case": "uppercase",
-                "sep": "commas", "end": ".", "arg": None},  # gold "TOE, MUD, KEY."
+    "skip": {"family": "skip", "words": ["cat", "dog", "sun", "pen", "fox"], "k": 2, "open": ">", "sep": "commas",
+             "end": ".", "arg": "dog"},  # gold "> cat, sun."
+    "start": {"family": "start", "words": ["oak", "car", "hat", "lip"], "k": 3, "open": "*", "sep": "dashes",
+              "end": "!", "arg": "hat"},  # gold "* hat - oak - car!"
+    "last": {"family": "last", "words": ["bee", "fig", "jam", "nut", "web"], "k": 2, "open": "+", "sep": "slashes",
+             "end": "?", "arg": "jam"},  # gold "+ bee / jam?"
+    "reverse": {"family": "reverse", "words": ["cup", "ink", "key", "mud", "toe"], "k": 3, "open": ">",
+                "sep": "commas", "end": ".", "arg": None},  # gold "> toe, mud, key."
 }
 
-# One point per check: words (all items given), count (exactly k), case, the family's rule, format (separator, end
-# mark, nothing else). No given word at all: 0.
+# One point per check: words (every item a given word, exactly), count (exactly k), open (the asked symbol and a
+# space first), the family's rule, format (separator, end mark, nothing else). No given word at all: 0.
 HAND_GRADED = {
-    "avoid": [
-        ("CAT, SUN.", 5), ("CAT, PEN.", 5), (" CAT, SUN.\n", 5),
-        ("CAT, SUN", 4), ("CAT - SUN.", 4), ("cat, sun.", 4), ("CAT, DOG.", 4), ("CAT, SUN, PEN.", 4),
-        ("CAT, BEE.", 4), ("CAT.", 4),
-        ("cat, sun", 3), ("cat - dog", 2), ("Sure! CAT, SUN.", 1), ("DOG, FOX, OWL", 1),
-        ("I do not know.", 0), ("", 0), ("cats dogs", 0), ("CATSUN.", 0),
+    "skip": [
+        ("> cat, sun.", 5), ("> pen, fox.", 5), (" > cat, sun.\n", 5),
+        ("> cat, sun", 4), ("> cat - sun.", 4), ("cat, sun.", 4), ("* cat, sun.", 4), ("> cat, dog.", 4),
+        ("> cat, sun, pen.", 4), ("> cat, bee.", 4), ("> cat.", 4), ("> cat, SUN.", 4), ("> cats, sun.", 4),
+        ("cat, sun", 3), (">cat, sun.", 3), ("cat - dog", 2), ("Sure! cat, sun.", 1), ("Sure! cat, dog.", 0), ("* dog, fox, owl.", 1),
+        ("I do not know.", 0), ("", 0), ("cats dogs", 0), ("> CAT, SUN.", 0), ("catsun.", 0),
     ],
     "start": [
-        ("hat - oak - car!", 5), ("hat - lip - oak!", 5),
-        ("oak - hat - car!", 4), ("hat - oak - car", 4), ("HAT - oak - car!", 4), ("hat - oak!", 4),
-        ("hat - oak - cow!", 4),
-        ("oak, hat, car", 3), ("hat", 3), ("Oak Hat", 1), ("cow - pig!", 0),
+        ("* hat - oak - car!", 5), ("* hat - lip - oak!", 5),
+        ("* oak - hat - car!", 4), ("* hat - oak - car", 4), ("> hat - oak - car!", 4), ("* hat - oak!", 4),
+        ("* hat - oak - cow!", 4),
+        ("oak, hat, car", 2), ("* hat", 3), ("Oak hat", 0), ("* oak - hat, car.", 3), ("oak, car, cow", 1), ("* cow - pig!", 0),
     ],
     "last": [
-        ("Bee / Jam?", 5), ("Web / Jam?", 5),
-        ("Jam / Bee?", 4), ("BEE / JAM?", 4), ("Bee, Jam?", 4), ("Bee / Fig / Jam?", 4), ("Bee / Jam.", 4),
-        ("Jam.", 3), ("jam", 2), ("fig cow", 1), ("Hello", 0),
+        ("+ bee / jam?", 5), ("+ web / jam?", 5),
+        ("+ jam / bee?", 4), ("bee / jam?", 4), ("+ bee, jam?", 4), ("+ bee / fig / jam?", 4), ("+ bee / jam.", 4),
+        ("+ jam?", 4), ("jam", 2), ("fig cow", 1), ("Hello", 0),
     ],
     "reverse": [
-        ("TOE, MUD, KEY.", 5), ("MUD, KEY, CUP.", 5),
-        ("KEY, MUD, TOE.", 4), ("TOE, MUD.", 4), ("toe, mud, key.", 4), ("TOE MUD KEY", 4), ("TOE, MUD, BED.", 4),
-        ("TOE.", 3), ("ink, cup, toe", 2), ("cup ink", 1), ("BED", 0),
+        ("> toe, mud, key.", 5), ("> mud, key, cup.", 5),
+        ("> key, mud, toe.", 4), ("> toe, mud.", 4), ("toe, mud, key.", 4), ("> toe mud key", 4),
+        ("> toe, mud, bed.", 4),
+        ("> toe.", 3), ("ink, cup, toe", 2), ("cup ink", 1), ("bed", 0),
     ],
 }
 
@@ -72,21 +73,21 @@ def test_hand_graded_examples(family, response, expected):
 def test_hand_graded_cover_every_family_and_level():
     assert set(HAND_GRADED) == set(W.FAMILIES)
     for family, cases in HAND_GRADED.items():
-        assert {s for _, s in cases} >= {0, 1, 3, 4, 5}, family
+        assert {s for _, s in cases} >= {0, 1, 2, 4, 5}, family
         assert W.oracle_score(META[family], W.gold_answer(META[family])) == 5
 
 
 def test_gold_answers_and_prompts():
-    assert [W.gold_answer(META[f]) for f in W.FAMILIES] == ["CAT, SUN.", "hat - oak - car!", "Bee / Jam?",
-                                                            "TOE, MUD, KEY."]
-    task = W.make_task("avoid", random.Random(1), "t")
-    assert task.prompt.startswith(f"Words: {' '.join(task.meta['words'])}. Write {task.meta['k']} of them without")
+    assert [W.gold_answer(META[f]) for f in W.FAMILIES] == ["> cat, sun.", "* hat - oak - car!", "+ bee / jam?",
+                                                            "> toe, mud, key."]
+    task = W.make_task("skip", random.Random(1), "t")
+    assert task.prompt.startswith(f"Words: {' '.join(task.meta['words'])}. Write {task.meta['k']} of them without ")
 
 
 def test_judgement_is_a_checklist_with_running_total():
-    assert W.judgement(META["avoid"], "cat, sun") == (
-        "words yes 1, count yes 2, case no 2, letter yes 3, format no 3\nScore: 3")
-    assert W.judgement(META["avoid"], "hello") == "No given words.\nScore: 0"
+    assert W.judgement(META["skip"], "cat, sun") == (
+        "words yes 1, count yes 2, open no 2, skip yes 3, format no 3\nScore: 3")
+    assert W.judgement(META["skip"], "hello") == "No given words.\nScore: 0"
 
 
 def test_degrade_hits_every_level_for_every_family():
@@ -106,7 +107,7 @@ def test_degrade_hits_every_level_for_every_family():
 
 def test_degrade_rejects_bad_level():
     with pytest.raises(ValueError):
-        W.degrade(META["avoid"], 6, random.Random(0))
+        W.degrade(META["skip"], 6, random.Random(0))
 
 
 _TASKS = [META[f] for f in W.FAMILIES] + [W.make_task(f, random.Random(i), "h").meta
@@ -122,22 +123,23 @@ def test_oracle_never_raises(meta, response):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.sampled_from(_TASKS), st.lists(st.sampled_from(["CAT", "dog", "Sun", "pen", "oak", "HAT", "toe", "x",
-                                                          ",", " ", ".", " - ", "!", "?", " / ", ":"]), max_size=12))
+@given(st.sampled_from(_TASKS), st.lists(st.sampled_from(["cat", "dog", "sun", "pen", "oak", "HAT", "toe", "x",
+                                                          ",", " ", ".", " - ", "!", "?", " / ", ":", "> ", "*"]),
+                                         max_size=12))
 def test_oracle_on_near_miss_text(meta, parts):
     assert W.oracle_score(meta, " ".join(parts)) in range(6)
     assert W.oracle_score(meta, "".join(parts)) in range(6)
 
 
 def test_oracle_non_string_response_scores_zero():
-    assert W.oracle_score(META["avoid"], None) == 0
+    assert W.oracle_score(META["skip"], None) == 0
 
 
 def test_make_tasks_balanced_unique_and_deterministic():
     a = W.make_tasks(50, random.Random(3), "x")
     b = W.make_tasks(50, random.Random(3), "x")
     assert a == b
-    assert Counter(t.family for t in a) == {"avoid": 13, "start": 13, "last": 12, "reverse": 12}
+    assert Counter(t.family for t in a) == {"skip": 13, "start": 13, "last": 12, "reverse": 12}
     assert len({t.prompt for t in a}) == 50 and len({t.id for t in a}) == 50
 
 

@@ -1,23 +1,25 @@
-"""The embedded default's synthetic task world: constrained word lists, gold answers and a 0-5 checklist oracle.
+"""The embedded default's synthetic task world: word lists under verifiable instructions, and a 0-5 checklist oracle.
 
     build_world(cfg.world, cfg.seed, judge_text_fn, "data/world", num_iterations=3)
 
-Self-rewarding rests on one premise: the model judges better than it answers. So every task is a list of given
-words and five verifiable instructions (in the manner of IFEval), and each point of the papers' additive 0-5 scale
-is one local check of the response against the prompt:
+Self-rewarding rests on one premise: the model judges better than it answers. So every task gives 4-6 words and
+five verifiable instructions (in the manner of IFEval), and each point of the papers' additive 0-5 scale is one local
+check of the response against the prompt:
 
     +1 relevant     words   every item is one of the given words
     +1 substantial  count   exactly k items
-    +1 basic        case    every item in the asked casing (uppercase, lowercase, title case)
-    +1 complete     <rule>  the family's rule: without a letter / starting with a word / a word last / reverse order
-    +1 impeccable   format  the items joined by the asked separator, the asked end mark, nothing else
+    +1 basic        open    the response opens with the asked symbol
+    +1 complete     <rule>  the family's rule: without a word / starting with a word / a word last / reverse order
+    +1 impeccable   format  the items joined by the asked separator, then the asked end mark, nothing else
 
-Meeting all five at once is hard for a small sampler (one wrong token breaks a check); checking any one of them is
-a look at the response. A response with none of the given words is off topic and scores 0. The judge's target
-(EFT) names every check with its result and a running total, so the final `Score: N` is the last total, never a
-count done in the head: "words yes 1, count yes 2, case no 2, letter yes 3, format no 3\\nScore: 3".
+Meeting all five at once is hard for a small sampler (one wrong token breaks a check); checking any one of them is a
+look at the response. A response with none of the given words is off topic and scores 0. Words are copied, never
+transformed (an item is a given word exactly, and every item follows a space, as in the prompt), so both answering
+and judging rest on matching tokens to the prompt, not on spelling. The judge's target (EFT) names every check with
+its result and a running total, so the final `Score: N` is the last total, never a count done in the head:
+"words yes 1, count yes 2, open no 2, skip yes 3, format no 3\nScore: 3".
 
-Families (the rule): avoid, start, last, reverse. `meta` holds the task's inputs only (the gold is derived from
+Families (the rule): skip, start, last, reverse. `meta` holds the task's inputs only (the gold is derived from
 them), so a prompt file carries no answer text, and `score_record(record, response)` works from a jsonl record.
 """
 
@@ -33,20 +35,21 @@ from typing import Any
 from harness.data.sft import make_record, write_sft
 from harness.io import write_jsonl
 
-FAMILIES = ("avoid", "start", "last", "reverse")
+FAMILIES = ("skip", "start", "last", "reverse")
 SCORES = range(6)
-CHECKS = ("words", "count", "case", "rule", "format")  # the rubric's five points, in order
+CHECKS = ("words", "count", "open", "rule", "format")  # the rubric's five points, in order
 
 _WORDS = ("cat", "dog", "sun", "map", "cup", "hat", "pen", "box", "fox", "egg", "jam", "kit", "log", "net", "owl",
           "pig", "rug", "van", "web", "yak", "bee", "car", "fig", "gum", "ink", "key", "leg", "mud", "nut", "oak",
           "pie", "ram", "sky", "toe", "bus", "bed", "cow", "jar", "lip", "mop")
-_CASES = ("uppercase", "lowercase", "title case")
+_OPENS = (">", "*", "+")
 _SEPS = {"commas": ", ", "dashes": " - ", "slashes": " / "}
 _ENDS = (".", "!", "?")
-_RULE_NAME = {"avoid": "letter", "start": "start", "last": "last", "reverse": "order"}
+_RULE_NAME = {"skip": "skip", "start": "start", "last": "last", "reverse": "order"}
 _OFF_TOPIC = ("I do not know.", "Sorry, I cannot help with that.", "Hello! How are you today?", "Maybe later.",
               "That is a good question.", "Please ask me something else.")
 _ITEM_RE = re.compile(r"[A-Za-z]+")
+_OPEN_RE = re.compile(r"([>*+]) ")
 
 
 @dataclass
@@ -66,35 +69,38 @@ class Grade:
 
 
 # ----------------------------------------------------------------------------------------------------- the checks
-def _cased(word: str, case: str) -> str:
-    return word.upper() if case == "uppercase" else word.lower() if case == "lowercase" else word.capitalize()
+def _split(response: str) -> tuple[str | None, str]:
+    """(the opening symbol or None, the body after it) of a stripped response."""
+    text = response.strip()
+    m = _OPEN_RE.match(text)
+    return (m.group(1), text[2:]) if m else (None, text)
 
 
-def _rule_ok(meta: dict, low: list[str]) -> bool:
+def _rule_ok(meta: dict, items: list[str]) -> bool:
     fam, arg = meta["family"], meta.get("arg")
-    if fam == "avoid":
-        return all(arg not in w for w in low)
+    if fam == "skip":
+        return arg not in items
     if fam == "start":
-        return low[0] == arg
+        return items[0] == arg
     if fam == "last":
-        return low[-1] == arg
-    pos = [meta["words"].index(w) for w in low if w in meta["words"]]  # reverse: given words in falling order
+        return items[-1] == arg
+    pos = [meta["words"].index(w) for w in items if w in meta["words"]]  # reverse: given words in falling order
     return len(pos) >= 2 and all(a > b for a, b in zip(pos, pos[1:]))
 
 
 def checks(meta: dict, response: str) -> tuple[bool, ...] | None:
     """The five checks of `response` (CHECKS order), or None when it holds none of the given words (off topic)."""
-    items = _ITEM_RE.findall(response)
-    low = [w.lower() for w in items]
+    opened, body = _split(response)
+    items = _ITEM_RE.findall(body)
     given = set(meta["words"])
-    if not given & set(low):
+    if not given & set(items):
         return None
     return (
-        all(w in given for w in low),
+        all(w in given for w in items),
         len(items) == meta["k"],
-        all(w == _cased(w, meta["case"]) for w in items),
-        _rule_ok(meta, low),
-        response.strip() == _SEPS[meta["sep"]].join(items) + meta["end"],
+        opened == meta["open"],
+        _rule_ok(meta, items),
+        body == _SEPS[meta["sep"]].join(items) + meta["end"],
     )
 
 
@@ -107,20 +113,18 @@ def _spec(meta: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------- tasks
 def _rule_phrase(meta: dict) -> str:
     fam, arg = meta["family"], meta.get("arg")
-    return {"avoid": f"without the letter {arg}", "start": f"starting with {arg}", "last": f"with {arg} last",
+    return {"skip": f"without {arg}", "start": f"starting with {arg}", "last": f"with {arg} last",
             "reverse": "in reverse order"}[fam]
 
 
 def _prompt(meta: dict) -> str:
-    return (f"Words: {' '.join(meta['words'])}. Write {meta['k']} of them {_rule_phrase(meta)}, in {meta['case']}, "
-            f"separated by {meta['sep']}, ending with {meta['end']}")
+    return (f"Words: {' '.join(meta['words'])}. Write {meta['k']} of them {_rule_phrase(meta)}. "
+            f"Open with {meta['open']}, separate with {meta['sep']}, end with {meta['end']}")
 
 
 def _valid_words(meta: dict) -> list[str]:
     """The given words a full-score answer may use, in the order the gold uses them."""
     fam, arg, words = meta["family"], meta.get("arg"), meta["words"]
-    if fam == "avoid":
-        return [w for w in words if arg not in w]
     if fam == "reverse":
         return list(reversed(words))
     return [w for w in words if w != arg]
@@ -136,48 +140,35 @@ def _gold_items(meta: dict) -> list[str]:
     return rest[:k]
 
 
-def _render(meta: dict, items: list[str]) -> str:
-    return _SEPS[meta["sep"]].join(_cased(w, meta["case"]) for w in items) + meta["end"]
+def _render(meta: dict, items: list[str], opening: str | None = None, sep: str | None = None,
+            end: str | None = None) -> str:
+    opening = meta["open"] if opening is None else opening
+    body = (_SEPS[meta["sep"]] if sep is None else sep).join(items) + (meta["end"] if end is None else end)
+    return f"{opening} {body}" if opening else body
 
 
 def _sample(family: str, rng: random.Random) -> dict:
-    for _ in range(1000):
-        words = rng.sample(_WORDS, rng.randint(4, 6))
-        meta = {"family": family, "words": words, "case": rng.choice(_CASES), "sep": rng.choice(sorted(_SEPS)),
-                "end": rng.choice(_ENDS), "arg": None}
-        if family == "avoid":
-            # a letter some (not all, and not all but one) given words hold, so the rule excludes something
-            counts = {c: sum(c in w for w in words) for c in sorted(set("".join(words)))}
-            letters = [c for c, n in counts.items() if 1 <= n <= len(words) - 2]
-            if not letters:
-                continue
-            meta["arg"] = rng.choice(letters)
-            top = len(words) - counts[meta["arg"]]
-        else:
-            if family in ("start", "last"):
-                meta["arg"] = rng.choice(words)
-            top = len(words) - 1
-        meta["k"] = rng.randint(2, min(top, 4))
-        return meta
-    raise RuntimeError(f"world: no {family} task found")
+    words = rng.sample(_WORDS, rng.randint(4, 6))
+    meta = {"family": family, "words": words, "open": rng.choice(_OPENS), "sep": rng.choice(sorted(_SEPS)),
+            "end": rng.choice(_ENDS), "arg": rng.choice(words) if family != "reverse" else None}
+    meta["k"] = rng.randint(2, min(len(words) - 1, 4))
+    return meta
 
 
 # ----------------------------------------------------------------------------------------------------- degrade
 def _candidate(meta: dict, fail: set[str], rng: random.Random) -> str:
     """A response meant to fail exactly the checks in `fail` (the caller verifies with the oracle)."""
-    words, k, arg = meta["words"], meta["k"], meta.get("arg")
+    words, k, arg, fam = meta["words"], meta["k"], meta.get("arg"), meta["family"]
     valid = _valid_words(meta)
-    if meta["family"] == "reverse":
+    if fam == "reverse":
         start = rng.randrange(len(words) - k + 1)
         items = list(reversed(words))[start:start + k]
     else:
-        picks = rng.sample(valid, min(k - (meta["family"] in ("start", "last")), len(valid)))
-        picks.sort(key=words.index)
-        items = [arg, *picks] if meta["family"] == "start" else [*picks, arg] if meta["family"] == "last" else picks
+        picks = sorted(rng.sample(valid, k - (fam in ("start", "last"))), key=words.index)
+        items = [arg, *picks] if fam == "start" else [*picks, arg] if fam == "last" else picks
     if "rule" in fail:
-        fam = meta["family"]
-        if fam == "avoid":
-            items[rng.randrange(len(items))] = rng.choice([w for w in words if arg in w])
+        if fam == "skip":
+            items[rng.randrange(len(items))] = arg
         elif fam == "reverse":
             items.reverse()
         else:  # start / last: the word elsewhere, or missing
@@ -194,39 +185,37 @@ def _candidate(meta: dict, fail: set[str], rng: random.Random) -> str:
             items.pop(rng.randrange(1, len(items) - 1))
         else:
             items.insert(rng.randrange(1, len(items)), rng.choice(pool))
-    if "words" in fail:
-        foreign = [w for w in _WORDS if w not in words and (meta["family"] != "avoid" or arg not in w)]
-        at = rng.randrange(1, len(items)) if meta["family"] == "start" else rng.randrange(len(items) - 1) if (
-            meta["family"] == "last") else rng.randrange(len(items))
-        items[at] = rng.choice(foreign)
-    case = meta["case"]
-    cased = [_cased(w, case) for w in items]
-    if "case" in fail:
-        other = rng.choice([c for c in _CASES if c != case])
-        idx = range(len(cased)) if rng.random() < 0.5 else [rng.randrange(len(cased))]
-        for i in idx:
-            cased[i] = _cased(items[i], other)
-    sep, end = _SEPS[meta["sep"]], meta["end"]
+    if "words" in fail:  # a word from outside the list, or a given word changed (plural, uppercase)
+        at = rng.randrange(1, len(items)) if fam == "start" else rng.randrange(len(items) - 1) if (
+            fam == "last") else rng.randrange(len(items))
+        way = rng.randrange(3)
+        w = items[at]
+        items[at] = rng.choice([x for x in _WORDS if x not in words]) if way == 0 else (
+            w + "s" if way == 1 else w.upper())
+    opening, sep, end = meta["open"], _SEPS[meta["sep"]], meta["end"]
+    if "open" in fail:
+        opening = rng.choice([o for o in ("", *_OPENS) if o != opening])
     if "format" in fail:
         way = rng.randrange(4)
         if way == 0:
             sep = rng.choice([s for s in (*_SEPS.values(), " ", ",") if s != sep])
         elif way == 1:
             end = rng.choice([e for e in (*_ENDS, "", "..") if e != end])
-        elif way == 2 and len(cased) > 1:
-            i = rng.randrange(len(cased) - 1)
+        elif way == 2 and len(items) > 1:
+            i = rng.randrange(len(items) - 1)
             wrong = rng.choice([s for s in (*_SEPS.values(), " ") if s != sep])
-            return sep.join(cased[: i + 1]) + wrong + sep.join(cased[i + 1:]) + end
+            body = sep.join(items[: i + 1]) + wrong + sep.join(items[i + 1:]) + end
+            return f"{opening} {body}" if opening else body
         else:
             sep, end = rng.choice([s for s in (*_SEPS.values(), " ") if s != sep]), rng.choice(["", *_ENDS])
-    return sep.join(cased) + end
+    return _render(meta, items, opening, sep, end)
 
 
 def _off_topic(meta: dict, rng: random.Random) -> str:
     if rng.random() < 0.5:
         return rng.choice(_OFF_TOPIC)
     foreign = [w for w in _WORDS if w not in meta["words"]]
-    return _render(meta, rng.sample(foreign, rng.randint(1, 3)))
+    return _render(meta, rng.sample(foreign, rng.randint(1, 3)), opening=rng.choice(["", *_OPENS]))
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -268,7 +257,7 @@ def grade(task_or_meta: Task | dict, response: str) -> Grade:
     ok = checks(meta, response)
     if ok is None:
         return Grade(0, "No given words.")
-    names = ("words", "count", "case", _RULE_NAME[meta["family"]], "format")
+    names = ("words", "count", "open", _RULE_NAME[meta["family"]], "format")
     parts, total = [], 0
     for name, passed in zip(names, ok):
         total += passed
