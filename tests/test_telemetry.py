@@ -1,6 +1,7 @@
 """Pair-quality telemetry and label controls, on hand-built judged responses with known oracle scores.
 
-Four prompts, one per family, four responses each with oracle scores o and judge means j (worked by hand):
+Four prompts (families skip, start, last, skip), four responses each with oracle scores o and judge means j
+(worked by hand):
 
     A  o = [5, 3, 1, 1]  j = [4, 4.5, 1, 2]   judge pair 1 > 2: oracle 3 > 1, correct
     B  o = [2, 2, 4, 0]  j = [3, 1, 2, 2.5]   judge pair 0 > 1: oracle 2 = 2, tie
@@ -23,23 +24,24 @@ from harness.io import read_json, read_jsonl, write_jsonl
 from harness.stages import Layout, run_pairs
 from harness.telemetry import own_pairwise_acc, pair_quality
 
-ORACLE = {"skip": [5, 3, 1, 1], "start": [2, 2, 4, 0], "last": [1, 4, 3, 3], "reverse": [5, 0, 2, 2]}
-JUDGE = {"skip": [4, 4.5, 1, 2], "start": [3, 1, 2, 2.5], "last": [4, 1, 2, 2], "reverse": [5, 0, 3, 3]}
+ORACLE = [[5, 3, 1, 1], [2, 2, 4, 0], [1, 4, 3, 3], [5, 0, 2, 2]]
+JUDGE = [[4, 4.5, 1, 2], [3, 1, 2, 2.5], [4, 1, 2, 2], [5, 0, 3, 3]]
+FAMS = ["skip", "start", "last", "skip"]
 
 
 def _judged(tmp_path, judge=JUDGE) -> Layout:
     lay = Layout(tmp_path)
     rng = random.Random(0)
     rows = []
-    for i, fam in enumerate(W.FAMILIES):
+    for i, fam in enumerate(FAMS):
         task = W.make_task(fam, random.Random(i), f"p{i}")
         texts = []
-        for s in ORACLE[fam]:  # distinct texts, so no pair is refused as identical
+        for s in ORACLE[i]:  # distinct texts, so no pair is refused as identical
             texts.append(next(x for x in (W.degrade(task, s, rng) for _ in range(50)) if x not in texts))
         rows.append({"id": task.id, "prompt": f"<p>{task.prompt}", "question": task.prompt, "meta": task.meta,
                      "responses": [{"text": x, "num_tokens": 5, "is_end": True, "mean": m, "var": 0.0}
-                                   for x, m in zip(texts, judge[fam])]})
-        assert [W.oracle_score(task, x) for x in texts] == ORACLE[fam]
+                                   for x, m in zip(texts, judge[i])]})
+        assert [W.oracle_score(task, x) for x in texts] == ORACLE[i]
     write_jsonl(lay.it(1) / "judged.jsonl", rows)
     write_jsonl(lay.it(1) / "judge_pairs.jsonl", [])
     return lay
@@ -57,9 +59,10 @@ def test_pair_telemetry_on_hand_built_pairs(tmp_path):
     assert (m["pairs/oracle_correct_frac"], m["pairs/oracle_tie_frac"], m["pairs/oracle_reversed_frac"]) == (
         0.5, 0.25, 0.25)
     assert m["pairs/skip/oracle_correct_frac"] == 1.0 and m["pairs/start/oracle_tie_frac"] == 1.0
-    assert m["pairs/last/oracle_reversed_frac"] == 1.0 and m["pairs/reverse/oracle_correct_frac"] == 1.0
+    assert m["pairs/last/oracle_reversed_frac"] == 1.0 and m["pairs/skip/oracle_pairs"] == 2
     assert m["pairs/judge_own_pairwise_acc"] == pytest.approx(0.55) and m["pairs/judge_own_pairs"] == 20
     assert m["pairs/start/judge_own_pairwise_acc"] == pytest.approx(0.4)
+    assert m["pairs/skip/judge_own_pairwise_acc"] == pytest.approx(0.9)  # A 4 of 5, D 5 of 5
     assert read_json(lay.it(1) / "pairs_metrics.json") == m
     pairs = sorted(read_jsonl(lay.it(1) / "pairs.jsonl"), key=lambda p: p["id"])  # batches are shuffled
     assert [(p["chosen_oracle"], p["rejected_oracle"]) for p in pairs] == [(3, 1), (2, 2), (1, 4), (5, 0)]
@@ -77,7 +80,7 @@ def test_oracle_labels_are_the_ceiling(tmp_path):
 def test_random_labels_ignore_the_judge_and_are_reproducible(tmp_path):
     a = _judged(tmp_path / "a")
     run_pairs(_cfg("model.spin.pair_labels=random"), a, 1)
-    flipped = {f: [5 - x for x in js] for f, js in JUDGE.items()}
+    flipped = [[5 - x for x in js] for js in JUDGE]
     b = _judged(tmp_path / "b", judge=flipped)
     run_pairs(_cfg("model.spin.pair_labels=random"), b, 1)
     pa, pb = read_jsonl(a.it(1) / "pairs.jsonl"), read_jsonl(b.it(1) / "pairs.jsonl")
@@ -102,7 +105,7 @@ def test_cream_rates_ride_on_the_pairs(tmp_path):
     lay = _judged(tmp_path)
     rows = read_jsonl(lay.it(1) / "judged.jsonl")
     for row in rows:  # the previous judge agrees exactly on A, B, D and reverses C
-        rev = row["meta"]["family"] == "last"
+        rev = row["id"] == "p2"
         for r in row["responses"]:
             r["prev"] = {"mean": -r["mean"] if rev else r["mean"]}
     write_jsonl(lay.it(1) / "judged.jsonl", rows)

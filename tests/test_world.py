@@ -20,42 +20,35 @@ from harness.io import read_jsonl, tree_hash
 from harness.judging import parse
 
 META = {
-    "skip": {"family": "skip", "words": ["cat", "dog", "sun", "pen", "fox"], "k": 2, "open": ">", "sep": "commas",
-             "end": ".", "arg": "dog"},  # gold "> cat, sun."
-    "start": {"family": "start", "words": ["oak", "car", "hat", "lip"], "k": 3, "open": "*", "sep": "dashes",
-              "end": "!", "arg": "hat"},  # gold "* hat - oak - car!"
-    "last": {"family": "last", "words": ["bee", "fig", "jam", "nut", "web"], "k": 2, "open": "+", "sep": "slashes",
-             "end": "?", "arg": "jam"},  # gold "+ bee / jam?"
-    "reverse": {"family": "reverse", "words": ["cup", "ink", "key", "mud", "toe"], "k": 3, "open": ">",
-                "sep": "commas", "end": ".", "arg": None},  # gold "> toe, mud, key."
+    "skip": {"family": "skip", "kind": "animals", "k": 2, "arg": "dog", "open": ">", "sep": "commas", "end": ".",
+             "offset": 3},  # gold "> bee, cat."
+    "start": {"family": "start", "kind": "foods", "k": 3, "arg": "jam", "open": "*", "sep": "dashes", "end": "!",
+              "offset": 0},  # gold "* jam - bun - egg!"
+    "last": {"family": "last", "kind": "tools", "k": 2, "arg": "pen", "open": "+", "sep": "slashes", "end": "?",
+             "offset": 11},  # gold "+ mug / pen?"
 }
 
-# One point per check: words (every item a given word, exactly), count (exactly k), open (the asked symbol and a
-# space first), the family's rule, format (separator, end mark, nothing else). No given word at all: 0.
+# One point per check: kind (every item a word of the asked kind), count (exactly k), open (the asked symbol and a
+# space first), the family's rule, format (separator, end mark, nothing else). No word of the kind at all: 0.
 HAND_GRADED = {
     "skip": [
-        ("> cat, sun.", 5), ("> pen, fox.", 5), (" > cat, sun.\n", 5),
-        ("> cat, sun", 4), ("> cat - sun.", 4), ("cat, sun.", 4), ("* cat, sun.", 4), ("> cat, dog.", 4),
-        ("> cat, sun, pen.", 4), ("> cat, bee.", 4), ("> cat.", 4), ("> cat, SUN.", 4), ("> cats, sun.", 4),
-        ("cat, sun", 3), (">cat, sun.", 3), ("cat - dog", 2), ("Sure! cat, sun.", 1), ("Sure! cat, dog.", 0), ("* dog, fox, owl.", 1),
-        ("I do not know.", 0), ("", 0), ("cats dogs", 0), ("> CAT, SUN.", 0), ("catsun.", 0),
+        ("> bee, cat.", 5), ("> fox, owl.", 5), (" > cat, bee.\n", 5),
+        ("> cat, owl", 4), ("> cat - owl.", 4), ("cat, owl.", 4), ("* cat, owl.", 4), ("> cat, dog.", 4),
+        ("> cat, owl, pig.", 4), ("> cat, egg.", 4), ("> cat.", 4), ("> cat, OWL.", 4), ("> cats, owl.", 4),
+        ("cat, owl", 3), (">cat, owl.", 3), ("cat - dog", 2), ("Sure! cat, owl.", 1), ("Sure! cat, dog.", 0),
+        ("* dog, fox, egg.", 1),
+        ("I do not know.", 0), ("", 0), ("cats dogs", 0), ("> CAT, OWL.", 0), ("catowl.", 0), ("> egg, pen.", 0),
     ],
     "start": [
-        ("* hat - oak - car!", 5), ("* hat - lip - oak!", 5),
-        ("* oak - hat - car!", 4), ("* hat - oak - car", 4), ("> hat - oak - car!", 4), ("* hat - oak!", 4),
-        ("* hat - oak - cow!", 4),
-        ("oak, hat, car", 2), ("* hat", 3), ("Oak hat", 0), ("* oak - hat, car.", 3), ("oak, car, cow", 1), ("* cow - pig!", 0),
+        ("* jam - bun - egg!", 5), ("* jam - pie - tea!", 5),
+        ("* bun - jam - egg!", 4), ("* jam - bun - egg", 4), ("> jam - bun - egg!", 4), ("* jam - bun!", 4),
+        ("* jam - bun - cow!", 4),
+        ("bun, jam, egg", 2), ("* jam", 3), ("Jam bun", 0), ("bun, egg, cow", 1), ("* cow - pig!", 0),
     ],
     "last": [
-        ("+ bee / jam?", 5), ("+ web / jam?", 5),
-        ("+ jam / bee?", 4), ("bee / jam?", 4), ("+ bee, jam?", 4), ("+ bee / fig / jam?", 4), ("+ bee / jam.", 4),
-        ("+ jam?", 4), ("jam", 2), ("fig cow", 1), ("Hello", 0),
-    ],
-    "reverse": [
-        ("> toe, mud, key.", 5), ("> mud, key, cup.", 5),
-        ("> key, mud, toe.", 4), ("> toe, mud.", 4), ("toe, mud, key.", 4), ("> toe mud key", 4),
-        ("> toe, mud, bed.", 4),
-        ("> toe.", 3), ("ink, cup, toe", 2), ("cup ink", 1), ("bed", 0),
+        ("+ mug / pen?", 5), ("+ axe / pen?", 5),
+        ("+ pen / mug?", 4), ("mug / pen?", 4), ("+ mug, pen?", 4), ("+ axe / mug / pen?", 4), ("+ mug / pen.", 4),
+        ("+ pen?", 4), ("pen", 2), ("saw cow", 1), ("Hello", 0),
     ],
 }
 
@@ -65,8 +58,8 @@ HAND_GRADED = {
 def test_hand_graded_examples(family, response, expected):
     g = W.grade(META[family], response)
     assert g.score == expected
-    assert 0 < len(g.reason.split()) <= 15
-    if expected:  # the reason names each check and ends on the total: the judge's score is its last number
+    assert 0 < len(g.reason.split()) <= 24
+    if g.checks:  # the reason walks each check and ends on the total: the judge's score is its last number
         assert g.reason.split()[-1] == str(expected) and len(g.checks) == 5 and sum(g.checks) == expected
 
 
@@ -78,16 +71,15 @@ def test_hand_graded_cover_every_family_and_level():
 
 
 def test_gold_answers_and_prompts():
-    assert [W.gold_answer(META[f]) for f in W.FAMILIES] == ["> cat, sun.", "* hat - oak - car!", "+ bee / jam?",
-                                                            "> toe, mud, key."]
-    task = W.make_task("skip", random.Random(1), "t")
-    assert task.prompt.startswith(f"Words: {' '.join(task.meta['words'])}. Write {task.meta['k']} of them without ")
+    assert [W.gold_answer(META[f]) for f in W.FAMILIES] == ["> bee, cat.", "* jam - bun - egg!", "+ mug / pen?"]
+    assert W.make_task("skip", random.Random(1), "t").prompt == (
+        "Name 4 body parts, not ear. Open with * then separate with commas and end with !")
 
 
-def test_judgement_is_a_checklist_with_running_total():
-    assert W.judgement(META["skip"], "cat, sun") == (
-        "words yes 1, count yes 2, open no 2, skip yes 3, format no 3\nScore: 3")
-    assert W.judgement(META["skip"], "hello") == "No given words.\nScore: 0"
+def test_judgement_walks_the_checks_with_a_running_total():
+    assert W.judgement(META["skip"], "cat, owl") == (
+        "animals yes 1, count 2 yes 2, open > no 2, skip dog yes 3, format no 3\nScore: 3")
+    assert W.judgement(META["skip"], "hello") == "No animals.\nScore: 0"
 
 
 def test_degrade_hits_every_level_for_every_family():
@@ -119,11 +111,11 @@ _TASKS = [META[f] for f in W.FAMILIES] + [W.make_task(f, random.Random(i), "h").
 def test_oracle_never_raises(meta, response):
     g = W.grade(meta, response)
     assert g.score in range(6) and g.score == W.oracle_score(meta, response)
-    assert len(g.reason.split()) <= 15
+    assert len(g.reason.split()) <= 24
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.sampled_from(_TASKS), st.lists(st.sampled_from(["cat", "dog", "sun", "pen", "oak", "HAT", "toe", "x",
+@given(st.sampled_from(_TASKS), st.lists(st.sampled_from(["cat", "dog", "jam", "pen", "egg", "MUG", "toe", "x",
                                                           ",", " ", ".", " - ", "!", "?", " / ", ":", "> ", "*"]),
                                          max_size=12))
 def test_oracle_on_near_miss_text(meta, parts):
@@ -139,7 +131,7 @@ def test_make_tasks_balanced_unique_and_deterministic():
     a = W.make_tasks(50, random.Random(3), "x")
     b = W.make_tasks(50, random.Random(3), "x")
     assert a == b
-    assert Counter(t.family for t in a) == {"skip": 13, "start": 13, "last": 12, "reverse": 12}
+    assert Counter(t.family for t in a) == {"skip": 17, "start": 17, "last": 16}
     assert len({t.prompt for t in a}) == 50 and len({t.id for t in a}) == 50
 
 
@@ -199,11 +191,11 @@ def test_build_world_splits(tmp_path):
         reason, score_line = target.split("\n")
         assert score_line == f"Score: {meta['oracle_score']}"
         assert W.score_record(r, meta["response"]) == meta["oracle_score"]
-        assert len(reason.split()) <= 15
+        assert len(reason.split()) <= 24
         scores[meta["oracle_score"]] += 1
-    assert set(scores) == set(range(6)) and max(scores.values()) - min(scores.values()) <= 1
+    assert set(scores) == set(range(6)) and max(scores.values()) - min(scores.values()) <= len(W.FAMILIES)
     cells = Counter((r["meta"]["family"], r["meta"]["oracle_score"]) for r in rows["eft"])
-    assert len(cells) == 24 and max(cells.values()) - min(cells.values()) <= 1
+    assert len(cells) == 18 and max(cells.values()) - min(cells.values()) <= 1
 
     # judge_eval: num_test // 4 prompts, 2-3 responses of distinct quality each, scores true to the oracle.
     by_task = {}
@@ -240,14 +232,14 @@ def _meta_text(prompt, response, a, b):
 
 
 def test_mft_seed_true_judgement_wins_balanced_and_leaves_other_splits_alone(tmp_path):
-    cfg = World(num_ift=40, num_eft=60, num_mft=48, prompts_per_iteration=15, num_validation=10, num_test=20)
+    cfg = World(num_ift=40, num_eft=60, num_mft=36, prompts_per_iteration=15, num_validation=10, num_test=20)
     with_mft = W.build_world(cfg, 5, _judge_text, tmp_path / "a", 2, _meta_text)
     without = W.build_world(cfg, 5, _judge_text, tmp_path / "b", 2)
     assert set(with_mft) - set(without) == {"mft"}
     for name in without:  # the meta-judge seed is drawn last: every other split is byte-identical
         assert tree_hash(with_mft[name]) == tree_hash(without[name]), name
     rows = sft.read_sft(with_mft["mft"])
-    assert len(rows) == 48
+    assert len(rows) == 36
     winners, scores = Counter(), Counter()
     other_prompts = {sft.user_text(r) for n in ("ift", "test", "validation", "prompts_1", "prompts_2")
                      for r in sft.read_sft(with_mft[n])}
@@ -264,5 +256,5 @@ def test_mft_seed_true_judgement_wins_balanced_and_leaves_other_splits_alone(tmp
         assert parse.parse_winner(target) == meta["winner"]
         winners[meta["winner"]] += 1
         scores[meta["oracle_score"]] += 1
-    assert winners["A"] == winners["B"] == 24 and set(scores) == set(range(6))
-    assert len({(r["meta"]["family"], r["meta"]["oracle_score"], r["meta"]["winner"]) for r in rows}) == 48
+    assert winners["A"] == winners["B"] == 18 and set(scores) == set(range(6))
+    assert len({(r["meta"]["family"], r["meta"]["oracle_score"], r["meta"]["winner"]) for r in rows}) == 36

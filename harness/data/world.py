@@ -1,26 +1,26 @@
-"""The embedded default's synthetic task world: word lists under verifiable instructions, and a 0-5 checklist oracle.
+"""The embedded default's synthetic task world: lists of a kind under verifiable instructions, and a 0-5 checklist
+oracle.
 
     build_world(cfg.world, cfg.seed, judge_text_fn, "data/world", num_iterations=3)
 
-Self-rewarding rests on one premise: the model judges better than it answers. So every task gives 4-6 words and
-five verifiable instructions (in the manner of IFEval), and each point of the papers' additive 0-5 scale is one local
-check of the response against the prompt:
+Self-rewarding rests on one premise: the model judges better than it answers. So every task asks for k words of a
+kind under verifiable instructions, in the manner of IFEval: "Name 3 animals, not fox. Open with + then separate
+with commas and end with !". Each point of the papers' additive 0-5 scale is one local check of the response:
 
-    +1 relevant     words   every item is one of the given words
+    +1 relevant     kind    every item is a word of the asked kind (animals, foods, tools, body parts)
     +1 substantial  count   exactly k items
     +1 basic        open    the response opens with the asked symbol
-    +1 complete     <rule>  the family's rule: without a word / starting with a word / a word last / reverse order
+    +1 complete     <rule>  the family's rule: without the word / the word first / the word last
     +1 impeccable   format  the items joined by the asked separator, then the asked end mark, nothing else
 
-Meeting all five at once is hard for a small sampler (one wrong token breaks a check); checking any one of them is a
-look at the response. A response with none of the given words is off topic and scores 0. Words are copied, never
-transformed (an item is a given word exactly, and every item follows a space, as in the prompt), so both answering
-and judging rest on matching tokens to the prompt, not on spelling. The judge's target (EFT) names every check with
-its result and a running total, so the final `Score: N` is the last total, never a count done in the head:
-"words yes 1, count yes 2, open no 2, skip yes 3, format no 3\nScore: 3".
+Meeting all five at once is hard for a sampler (one wrong token breaks a check); checking any one is a look at the
+response next to one value of the prompt. A response with no word of the kind is off topic and scores 0. The judge's
+target (EFT) walks the checks in order, echoing the asked value it compares with and keeping a running total, so
+every step is a comparison of adjacent things and the final `Score: N` is the last total:
+"animals yes 1, count 3 yes 2, open + no 2, skip fox yes 3, format no 3\nScore: 3".
 
-Families (the rule): skip, start, last, reverse. `meta` holds the task's inputs only (the gold is derived from
-them), so a prompt file carries no answer text, and `score_record(record, response)` works from a jsonl record.
+Families (the rule): skip, start, last. `meta` holds the task's inputs only (the gold is derived from them), so a
+prompt file carries no answer text, and `score_record(record, response)` works from a jsonl record.
 """
 
 from __future__ import annotations
@@ -35,17 +35,22 @@ from typing import Any
 from harness.data.sft import make_record, write_sft
 from harness.io import write_jsonl
 
-FAMILIES = ("skip", "start", "last", "reverse")
+FAMILIES = ("skip", "start", "last")
 SCORES = range(6)
-CHECKS = ("words", "count", "open", "rule", "format")  # the rubric's five points, in order
+CHECKS = ("kind", "count", "open", "rule", "format")  # the rubric's five points, in order
 
-_WORDS = ("cat", "dog", "sun", "map", "cup", "hat", "pen", "box", "fox", "egg", "jam", "kit", "log", "net", "owl",
-          "pig", "rug", "van", "web", "yak", "bee", "car", "fig", "gum", "ink", "key", "leg", "mud", "nut", "oak",
-          "pie", "ram", "sky", "toe", "bus", "bed", "cow", "jar", "lip", "mop")
+# Single-token words (as the tokenizer learns them): a kind is a property of a word, known without the prompt.
+KINDS = {
+    "animals": ("ant", "ape", "bat", "bee", "cat", "cow", "dog", "eel", "elk", "emu", "fox", "hen", "hog", "owl",
+                "pig", "rat", "yak"),
+    "foods": ("bun", "egg", "fig", "ham", "jam", "nut", "oat", "pea", "pie", "tea", "yam", "soy"),
+    "tools": ("axe", "saw", "pin", "pen", "mop", "net", "tap", "jug", "pot", "pan", "cup", "mug"),
+    "body parts": ("arm", "ear", "eye", "hip", "jaw", "leg", "lip", "rib", "toe", "gum"),
+}
+_WORDS = tuple(w for ws in KINDS.values() for w in ws)
 _OPENS = (">", "*", "+")
 _SEPS = {"commas": ", ", "dashes": " - ", "slashes": " / "}
 _ENDS = (".", "!", "?")
-_RULE_NAME = {"skip": "skip", "start": "start", "last": "last", "reverse": "order"}
 _OFF_TOPIC = ("I do not know.", "Sorry, I cannot help with that.", "Hello! How are you today?", "Maybe later.",
               "That is a good question.", "Please ask me something else.")
 _ITEM_RE = re.compile(r"[A-Za-z]+")
@@ -77,26 +82,21 @@ def _split(response: str) -> tuple[str | None, str]:
 
 
 def _rule_ok(meta: dict, items: list[str]) -> bool:
-    fam, arg = meta["family"], meta.get("arg")
+    fam, arg = meta["family"], meta["arg"]
     if fam == "skip":
         return arg not in items
-    if fam == "start":
-        return items[0] == arg
-    if fam == "last":
-        return items[-1] == arg
-    pos = [meta["words"].index(w) for w in items if w in meta["words"]]  # reverse: given words in falling order
-    return len(pos) >= 2 and all(a > b for a, b in zip(pos, pos[1:]))
+    return items[0] == arg if fam == "start" else items[-1] == arg
 
 
 def checks(meta: dict, response: str) -> tuple[bool, ...] | None:
-    """The five checks of `response` (CHECKS order), or None when it holds none of the given words (off topic)."""
+    """The five checks of `response` (CHECKS order), or None when it holds no word of the asked kind (off topic)."""
     opened, body = _split(response)
     items = _ITEM_RE.findall(body)
-    given = set(meta["words"])
-    if not given & set(items):
+    kind = set(KINDS[meta["kind"]])
+    if not kind & set(items):
         return None
     return (
-        all(w in given for w in items),
+        all(w in kind for w in items),
         len(items) == meta["k"],
         opened == meta["open"],
         _rule_ok(meta, items),
@@ -112,26 +112,23 @@ def _spec(meta: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- tasks
 def _rule_phrase(meta: dict) -> str:
-    fam, arg = meta["family"], meta.get("arg")
-    return {"skip": f"without {arg}", "start": f"starting with {arg}", "last": f"with {arg} last",
-            "reverse": "in reverse order"}[fam]
+    return {"skip": "not {}", "start": "{} first", "last": "{} last"}[meta["family"]].format(meta["arg"])
 
 
 def _prompt(meta: dict) -> str:
-    return (f"Words: {' '.join(meta['words'])}. Write {meta['k']} of them {_rule_phrase(meta)}. "
-            f"Open with {meta['open']}, separate with {meta['sep']}, end with {meta['end']}")
+    return (f"Name {meta['k']} {meta['kind']}, {_rule_phrase(meta)}. Open with {meta['open']} then separate with "
+            f"{meta['sep']} and end with {meta['end']}")
 
 
 def _valid_words(meta: dict) -> list[str]:
-    """The given words a full-score answer may use, in the order the gold uses them."""
-    fam, arg, words = meta["family"], meta.get("arg"), meta["words"]
-    if fam == "reverse":
-        return list(reversed(words))
-    return [w for w in words if w != arg]
+    """The words a full-score answer may use besides the rule's word, in the gold's order (from meta's offset)."""
+    ws = KINDS[meta["kind"]]
+    ws = ws[meta["offset"]:] + ws[:meta["offset"]]
+    return [w for w in ws if w != meta["arg"]]
 
 
 def _gold_items(meta: dict) -> list[str]:
-    fam, arg, k = meta["family"], meta.get("arg"), meta["k"]
+    fam, arg, k = meta["family"], meta["arg"], meta["k"]
     rest = _valid_words(meta)
     if fam == "start":
         return [arg, *rest[: k - 1]]
@@ -148,50 +145,38 @@ def _render(meta: dict, items: list[str], opening: str | None = None, sep: str |
 
 
 def _sample(family: str, rng: random.Random) -> dict:
-    words = rng.sample(_WORDS, rng.randint(4, 6))
-    meta = {"family": family, "words": words, "open": rng.choice(_OPENS), "sep": rng.choice(sorted(_SEPS)),
-            "end": rng.choice(_ENDS), "arg": rng.choice(words) if family != "reverse" else None}
-    meta["k"] = rng.randint(2, min(len(words) - 1, 4))
-    return meta
+    kind = rng.choice(sorted(KINDS))
+    return {"family": family, "kind": kind, "k": rng.randint(2, 4), "arg": rng.choice(KINDS[kind]),
+            "open": rng.choice(_OPENS), "sep": rng.choice(sorted(_SEPS)), "end": rng.choice(_ENDS),
+            "offset": rng.randrange(len(KINDS[kind]))}
 
 
 # ----------------------------------------------------------------------------------------------------- degrade
 def _candidate(meta: dict, fail: set[str], rng: random.Random) -> str:
     """A response meant to fail exactly the checks in `fail` (the caller verifies with the oracle)."""
-    words, k, arg, fam = meta["words"], meta["k"], meta.get("arg"), meta["family"]
+    k, arg, fam = meta["k"], meta["arg"], meta["family"]
     valid = _valid_words(meta)
-    if fam == "reverse":
-        start = rng.randrange(len(words) - k + 1)
-        items = list(reversed(words))[start:start + k]
-    else:
-        picks = sorted(rng.sample(valid, k - (fam in ("start", "last"))), key=words.index)
-        items = [arg, *picks] if fam == "start" else [*picks, arg] if fam == "last" else picks
+    picks = rng.sample(valid, k - (fam != "skip"))
+    items = [arg, *picks] if fam == "start" else [*picks, arg] if fam == "last" else picks
     if "rule" in fail:
         if fam == "skip":
             items[rng.randrange(len(items))] = arg
-        elif fam == "reverse":
+        elif rng.random() < 0.5:  # the word elsewhere
             items.reverse()
-        else:  # start / last: the word elsewhere, or missing
-            others = [w for w in words if w != arg and w not in items]
-            if rng.random() < 0.5 or not others:
-                rng.shuffle(items)
-                if (fam == "start" and items[0] == arg) or (fam == "last" and items[-1] == arg):
-                    items.reverse()
-            else:
-                items[0 if fam == "start" else -1] = rng.choice(others)
+        else:  # the word missing
+            items[0 if fam == "start" else -1] = rng.choice([w for w in valid if w not in items])
     if "count" in fail:
         pool = [w for w in valid if w not in items] or valid
         if len(items) > 2 and rng.random() < 0.5:
             items.pop(rng.randrange(1, len(items) - 1))
         else:
             items.insert(rng.randrange(1, len(items)), rng.choice(pool))
-    if "words" in fail:  # a word from outside the list, or a given word changed (plural, uppercase)
-        at = rng.randrange(1, len(items)) if fam == "start" else rng.randrange(len(items) - 1) if (
-            fam == "last") else rng.randrange(len(items))
-        way = rng.randrange(3)
-        w = items[at]
-        items[at] = rng.choice([x for x in _WORDS if x not in words]) if way == 0 else (
-            w + "s" if way == 1 else w.upper())
+    if "kind" in fail:  # words of another kind (as a sampler confuses them), or a word changed
+        spots = [i for i in range(len(items)) if not (fam == "start" and i == 0 or fam == "last" and i == len(items) - 1)]
+        foreign = [w for w in _WORDS if w not in KINDS[meta["kind"]]]
+        for at in rng.sample(spots, rng.randint(1, max(1, len(spots) - 1))):
+            way, w = rng.randrange(4), items[at]
+            items[at] = rng.choice(foreign) if way < 2 else w + "s" if way == 2 else w.upper()
     opening, sep, end = meta["open"], _SEPS[meta["sep"]], meta["end"]
     if "open" in fail:
         opening = rng.choice([o for o in ("", *_OPENS) if o != opening])
@@ -214,7 +199,7 @@ def _candidate(meta: dict, fail: set[str], rng: random.Random) -> str:
 def _off_topic(meta: dict, rng: random.Random) -> str:
     if rng.random() < 0.5:
         return rng.choice(_OFF_TOPIC)
-    foreign = [w for w in _WORDS if w not in meta["words"]]
+    foreign = [w for w in _WORDS if w not in KINDS[meta["kind"]]]
     return _render(meta, rng.sample(foreign, rng.randint(1, 3)), opening=rng.choice(["", *_OPENS]))
 
 
@@ -229,7 +214,7 @@ def make_task(family: str, rng: random.Random, task_id: str) -> Task:
 
 
 def make_tasks(n: int, rng: random.Random, id_prefix: str, exclude: set[str] | None = None) -> list[Task]:
-    """n tasks, families round-robin (task i is FAMILIES[i % 4]), ids f"{id_prefix}-{i:05d}".
+    """n tasks, families round-robin (task i is FAMILIES[i % 3]), ids f"{id_prefix}-{i:05d}".
 
     Prompts are unique within the list and never in `exclude`, which is updated with the new prompts (pass one set
     to every split to keep splits disjoint by prompt text).
@@ -256,8 +241,8 @@ def grade(task_or_meta: Task | dict, response: str) -> Grade:
     meta = _meta(task_or_meta)
     ok = checks(meta, response)
     if ok is None:
-        return Grade(0, "No given words.")
-    names = ("words", "count", "open", _RULE_NAME[meta["family"]], "format")
+        return Grade(0, f"No {meta['kind']}.")
+    names = (meta["kind"], f"count {meta['k']}", f"open {meta['open']}", f"{meta['family']} {meta['arg']}", "format")
     parts, total = [], 0
     for name, passed in zip(names, ok):
         total += passed
@@ -309,8 +294,8 @@ def meta_judgement_example(t: Task, i: int, rng: random.Random) -> tuple[str, st
     """(response, judgement A, judgement B, target, oracle score) for a meta-judge seed example.
 
     One judgement is the oracle's reason for the response, the other the reason for a response of another score;
-    Score lines are left out, as the meta-judge sees judgements (parse.strip_score). Task i is family i % 4 (see
-    make_tasks); its score is (i // 4) % 6 and the true judgement is A when (i // 24) is even, so family, score and
+    Score lines are left out, as the meta-judge sees judgements (parse.strip_score). Task i is family i % 3 (see
+    make_tasks); its score is (i // 3) % 6 and the true judgement is A when (i // 18) is even, so family, score and
     winner are balanced and independent (a winner tied to the score would be a shortcut).
     """
     score = (i // len(FAMILIES)) % 6
@@ -362,7 +347,7 @@ def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], s
 
     put("ift", _sft_rows(tasks("ift", world_cfg.num_ift), with_gold=True))
 
-    # EFT: task i is family i % 4 and gets score (i // 4) % 6, so (family, score) cells are balanced too.
+    # EFT: task i is family i % 3 and gets score (i // 3) % 6, so (family, score) cells are balanced too.
     rng = random.Random(f"world:{seed}:eft:responses")
     rows = []
     for i, t in enumerate(tasks("eft", world_cfg.num_eft)):
