@@ -78,7 +78,7 @@ def test_gold_answers_and_prompts():
 
 def test_judgement_walks_the_checks_with_a_running_total():
     assert W.judgement(META["skip"], "cat, owl") == (
-        "animals yes 1, count 2 yes 2, open > no 2, skip dog yes 3, format no 3\nScore: 3")
+        "kind animals yes 1, count 2 yes 2, open > no 2, rule not dog yes 3, format no 3\nScore: 3")
     assert W.judgement(META["skip"], "hello") == "No animals.\nScore: 0"
 
 

@@ -17,7 +17,7 @@ Meeting all five at once is hard for a sampler (one wrong token breaks a check);
 response next to one value of the prompt. A response with no word of the kind is off topic and scores 0. The judge's
 target (EFT) walks the checks in order, echoing the asked value it compares with and keeping a running total, so
 every step is a comparison of adjacent things and the final `Score: N` is the last total:
-"animals yes 1, count 3 yes 2, open + no 2, skip fox yes 3, format no 3\nScore: 3".
+"kind animals yes 1, count 3 yes 2, open + no 2, rule not fox yes 3, format no 3\\nScore: 3".
 
 Families (the rule): skip, start, last. `meta` holds the task's inputs only (the gold is derived from them), so a
 prompt file carries no answer text, and `score_record(record, response)` works from a jsonl record.
@@ -242,7 +242,9 @@ def grade(task_or_meta: Task | dict, response: str) -> Grade:
     ok = checks(meta, response)
     if ok is None:
         return Grade(0, f"No {meta['kind']}.")
-    names = (meta["kind"], f"count {meta['k']}", f"open {meta['open']}", f"{meta['family']} {meta['arg']}", "format")
+    # each check echoes the prompt's own words for what it compares (same tokens: a copy, not a translation)
+    names = (f"kind {meta['kind']}", f"count {meta['k']}", f"open {meta['open']}", f"rule {_rule_phrase(meta)}",
+             "format")
     parts, total = [], 0
     for name, passed in zip(names, ok):
         total += passed
