@@ -4,23 +4,25 @@ oracle.
     build_world(cfg.world, cfg.seed, judge_text_fn, "data/world", num_iterations=3)
 
 Self-rewarding rests on one premise: the model judges better than it answers. So every task asks for k words of a
-kind under verifiable instructions, in the manner of IFEval: "Name 3 animals, not fox. Open with + then separate
+kind under verifiable instructions, in the manner of IFEval: "Name 3 animals in capitals. Open with + then separate
 with commas and end with !". Each point of the papers' additive 0-5 scale is one local check of the response:
 
     +1 relevant     kind    every item is a word of the asked kind (animals, foods, tools, body parts)
     +1 substantial  count   exactly k items
-    +1 basic        open    the response opens with the asked symbol
-    +1 complete     <rule>  the family's rule: without the word / the word first / the word last
+    +1 basic        case    every item in the asked casing (capitals, lowercase, capitalized)
+    +1 complete     open    the response opens with the asked symbol
     +1 impeccable   format  the items joined by the asked separator, then the asked end mark, nothing else
 
 Meeting all five at once is hard for a sampler (one wrong token breaks a check); checking any one is a look at the
-response next to one value of the prompt. A response with no word of the kind is off topic and scores 0. The judge's
-target (EFT) walks the checks in order, echoing the asked value it compares with and keeping a running total, so
-every step is a comparison of adjacent things and the final `Score: N` is the last total:
-"kind animals yes 1, count 3 yes 2, open + no 2, rule not fox yes 3, format no 3\\nScore: 3".
+response next to one value of the prompt. A response with no word of the kind is off topic and scores 0. Nothing
+needs copying an arbitrary word from the prompt (which tiny models learn slowly): every asked value is one of a few,
+and a word's kind and casing are properties of the word itself. The judge's target (EFT) walks the checks in order,
+echoing the prompt's words for the value it compares with and keeping a running total, so every step is a
+comparison of adjacent things and the final `Score: N` is the last total:
+"kind animals yes 1, count 3 yes 2, case capitals no 2, open + yes 3, format no 3\\nScore: 3".
 
-Families (the rule): skip, start, last. `meta` holds the task's inputs only (the gold is derived from them), so a
-prompt file carries no answer text, and `score_record(record, response)` works from a jsonl record.
+Families are the kinds. `meta` holds the task's inputs only (the gold is derived from them), so a prompt file
+carries no answer text, and `score_record(record, response)` works from a jsonl record.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ from typing import Any
 from harness.data.sft import make_record, write_sft
 from harness.io import write_jsonl
 
-FAMILIES = ("skip", "start", "last")
+FAMILIES = ("animals", "foods", "tools", "body")
 SCORES = range(6)
-CHECKS = ("kind", "count", "open", "rule", "format")  # the rubric's five points, in order
+CHECKS = ("kind", "count", "case", "open", "format")  # the rubric's five points, in order
 
 # Single-token words (as the tokenizer learns them): a kind is a property of a word, known without the prompt.
 KINDS = {
@@ -45,16 +47,18 @@ KINDS = {
                 "pig", "rat", "yak"),
     "foods": ("bun", "egg", "fig", "ham", "jam", "nut", "oat", "pea", "pie", "tea", "yam", "soy"),
     "tools": ("axe", "saw", "pin", "pen", "mop", "net", "tap", "jug", "pot", "pan", "cup", "mug"),
-    "body parts": ("arm", "ear", "eye", "hip", "jaw", "leg", "lip", "rib", "toe", "gum"),
+    "body": ("arm", "ear", "eye", "hip", "jaw", "leg", "lip", "rib", "toe", "gum"),
 }
 _WORDS = tuple(w for ws in KINDS.values() for w in ws)
-_OPENS = (">", "*", "+")
-_SEPS = {"commas": ", ", "dashes": " - ", "slashes": " / "}
-_ENDS = (".", "!", "?")
+_PHRASE = {"body": "body parts"}  # how a kind is named in prompts and judgements
+_CASES = {"capitals": str.upper, "lowercase": str.lower, "capitalized": str.capitalize}
+_OPENS = (">", "*", "+", "#", "~")
+_SEPS = {"commas": ", ", "dashes": " - ", "slashes": " / ", "semicolons": "; ", "bars": " | "}
+_ENDS = (".", "!", "?", ":")
 _OFF_TOPIC = ("I do not know.", "Sorry, I cannot help with that.", "Hello! How are you today?", "Maybe later.",
               "That is a good question.", "Please ask me something else.")
 _ITEM_RE = re.compile(r"[A-Za-z]+")
-_OPEN_RE = re.compile(r"([>*+]) ")
+_OPEN_RE = re.compile(r"([>*+#~]) ")
 
 
 @dataclass
@@ -81,25 +85,18 @@ def _split(response: str) -> tuple[str | None, str]:
     return (m.group(1), text[2:]) if m else (None, text)
 
 
-def _rule_ok(meta: dict, items: list[str]) -> bool:
-    fam, arg = meta["family"], meta["arg"]
-    if fam == "skip":
-        return arg not in items
-    return items[0] == arg if fam == "start" else items[-1] == arg
-
-
 def checks(meta: dict, response: str) -> tuple[bool, ...] | None:
     """The five checks of `response` (CHECKS order), or None when it holds no word of the asked kind (off topic)."""
     opened, body = _split(response)
     items = _ITEM_RE.findall(body)
-    kind = set(KINDS[meta["kind"]])
-    if not kind & set(items):
+    kind = set(KINDS[meta["family"]])
+    if not kind & {w.lower() for w in items}:
         return None
     return (
-        all(w in kind for w in items),
+        all(w.lower() in kind for w in items),
         len(items) == meta["k"],
+        all(w == _CASES[meta["case"]](w) for w in items),
         opened == meta["open"],
-        _rule_ok(meta, items),
         body == _SEPS[meta["sep"]].join(items) + meta["end"],
     )
 
@@ -111,30 +108,20 @@ def _spec(meta: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- tasks
-def _rule_phrase(meta: dict) -> str:
-    return {"skip": "not {}", "start": "{} first", "last": "{} last"}[meta["family"]].format(meta["arg"])
-
-
 def _prompt(meta: dict) -> str:
-    return (f"Name {meta['k']} {meta['kind']}, {_rule_phrase(meta)}. Open with {meta['open']} then separate with "
-            f"{meta['sep']} and end with {meta['end']}")
+    case = {"capitals": "in capitals", "lowercase": "in lowercase", "capitalized": "capitalized"}[meta["case"]]
+    return (f"Name {meta['k']} {_PHRASE.get(meta['family'], meta['family'])} {case}. Open with {meta['open']} then separate with {meta['sep']} "
+            f"and end with {meta['end']}")
 
 
 def _valid_words(meta: dict) -> list[str]:
-    """The words a full-score answer may use besides the rule's word, in the gold's order (from meta's offset)."""
-    ws = KINDS[meta["kind"]]
-    ws = ws[meta["offset"]:] + ws[:meta["offset"]]
-    return [w for w in ws if w != meta["arg"]]
+    """The kind's words in the gold's order (from meta's offset)."""
+    ws = KINDS[meta["family"]]
+    return list(ws[meta["offset"]:] + ws[:meta["offset"]])
 
 
 def _gold_items(meta: dict) -> list[str]:
-    fam, arg, k = meta["family"], meta["arg"], meta["k"]
-    rest = _valid_words(meta)
-    if fam == "start":
-        return [arg, *rest[: k - 1]]
-    if fam == "last":
-        return [*rest[: k - 1], arg]
-    return rest[:k]
+    return [_CASES[meta["case"]](w) for w in _valid_words(meta)[: meta["k"]]]
 
 
 def _render(meta: dict, items: list[str], opening: str | None = None, sep: str | None = None,
@@ -145,38 +132,32 @@ def _render(meta: dict, items: list[str], opening: str | None = None, sep: str |
 
 
 def _sample(family: str, rng: random.Random) -> dict:
-    kind = rng.choice(sorted(KINDS))
-    return {"family": family, "kind": kind, "k": rng.randint(2, 4), "arg": rng.choice(KINDS[kind]),
+    return {"family": family, "k": rng.randint(2, 6), "case": rng.choice(sorted(_CASES)),
             "open": rng.choice(_OPENS), "sep": rng.choice(sorted(_SEPS)), "end": rng.choice(_ENDS),
-            "offset": rng.randrange(len(KINDS[kind]))}
+            "offset": rng.randrange(len(KINDS[family]))}
 
 
 # ----------------------------------------------------------------------------------------------------- degrade
 def _candidate(meta: dict, fail: set[str], rng: random.Random) -> str:
     """A response meant to fail exactly the checks in `fail` (the caller verifies with the oracle)."""
-    k, arg, fam = meta["k"], meta["arg"], meta["family"]
     valid = _valid_words(meta)
-    picks = rng.sample(valid, k - (fam != "skip"))
-    items = [arg, *picks] if fam == "start" else [*picks, arg] if fam == "last" else picks
-    if "rule" in fail:
-        if fam == "skip":
-            items[rng.randrange(len(items))] = arg
-        elif rng.random() < 0.5:  # the word elsewhere
-            items.reverse()
-        else:  # the word missing
-            items[0 if fam == "start" else -1] = rng.choice([w for w in valid if w not in items])
+    items = rng.sample(valid, meta["k"])
     if "count" in fail:
         pool = [w for w in valid if w not in items] or valid
         if len(items) > 2 and rng.random() < 0.5:
-            items.pop(rng.randrange(1, len(items) - 1))
+            items.pop(rng.randrange(len(items)))
         else:
-            items.insert(rng.randrange(1, len(items)), rng.choice(pool))
+            items.insert(rng.randrange(len(items) + 1), rng.choice(pool))
     if "kind" in fail:  # words of another kind (as a sampler confuses them), or a word changed
-        spots = [i for i in range(len(items)) if not (fam == "start" and i == 0 or fam == "last" and i == len(items) - 1)]
-        foreign = [w for w in _WORDS if w not in KINDS[meta["kind"]]]
-        for at in rng.sample(spots, rng.randint(1, max(1, len(spots) - 1))):
-            way, w = rng.randrange(4), items[at]
-            items[at] = rng.choice(foreign) if way < 2 else w + "s" if way == 2 else w.upper()
+        foreign = [w for w in _WORDS if w not in valid]
+        for at in rng.sample(range(len(items)), rng.randint(1, max(1, len(items) - 1))):
+            items[at] = rng.choice(foreign) if rng.random() < 0.7 else items[at] + "s"
+    case = _CASES[meta["case"]]
+    cased = [case(w) for w in items]
+    if "case" in fail:
+        other = _CASES[rng.choice([c for c in sorted(_CASES) if c != meta["case"]])]
+        for at in (range(len(items)) if rng.random() < 0.5 else [rng.randrange(len(items))]):
+            cased[at] = other(items[at])
     opening, sep, end = meta["open"], _SEPS[meta["sep"]], meta["end"]
     if "open" in fail:
         opening = rng.choice([o for o in ("", *_OPENS) if o != opening])
@@ -186,20 +167,20 @@ def _candidate(meta: dict, fail: set[str], rng: random.Random) -> str:
             sep = rng.choice([s for s in (*_SEPS.values(), " ", ",") if s != sep])
         elif way == 1:
             end = rng.choice([e for e in (*_ENDS, "", "..") if e != end])
-        elif way == 2 and len(items) > 1:
-            i = rng.randrange(len(items) - 1)
+        elif way == 2 and len(cased) > 1:
+            i = rng.randrange(len(cased) - 1)
             wrong = rng.choice([s for s in (*_SEPS.values(), " ") if s != sep])
-            body = sep.join(items[: i + 1]) + wrong + sep.join(items[i + 1:]) + end
+            body = sep.join(cased[: i + 1]) + wrong + sep.join(cased[i + 1:]) + end
             return f"{opening} {body}" if opening else body
         else:
             sep, end = rng.choice([s for s in (*_SEPS.values(), " ") if s != sep]), rng.choice(["", *_ENDS])
-    return _render(meta, items, opening, sep, end)
+    return _render(meta, cased, opening, sep, end)
 
 
 def _off_topic(meta: dict, rng: random.Random) -> str:
     if rng.random() < 0.5:
         return rng.choice(_OFF_TOPIC)
-    foreign = [w for w in _WORDS if w not in KINDS[meta["kind"]]]
+    foreign = [w for w in _WORDS if w not in KINDS[meta["family"]]]
     return _render(meta, rng.sample(foreign, rng.randint(1, 3)), opening=rng.choice(["", *_OPENS]))
 
 
@@ -214,7 +195,7 @@ def make_task(family: str, rng: random.Random, task_id: str) -> Task:
 
 
 def make_tasks(n: int, rng: random.Random, id_prefix: str, exclude: set[str] | None = None) -> list[Task]:
-    """n tasks, families round-robin (task i is FAMILIES[i % 3]), ids f"{id_prefix}-{i:05d}".
+    """n tasks, families round-robin (task i is FAMILIES[i % 4]), ids f"{id_prefix}-{i:05d}".
 
     Prompts are unique within the list and never in `exclude`, which is updated with the new prompts (pass one set
     to every split to keep splits disjoint by prompt text).
@@ -241,9 +222,9 @@ def grade(task_or_meta: Task | dict, response: str) -> Grade:
     meta = _meta(task_or_meta)
     ok = checks(meta, response)
     if ok is None:
-        return Grade(0, f"No {meta['kind']}.")
+        return Grade(0, f"No {_PHRASE.get(meta['family'], meta['family'])}.")
     # each check echoes the prompt's own words for what it compares (same tokens: a copy, not a translation)
-    names = (f"kind {meta['kind']}", f"count {meta['k']}", f"open {meta['open']}", f"rule {_rule_phrase(meta)}",
+    names = (f"kind {_PHRASE.get(meta['family'], meta['family'])}", f"count {meta['k']}", f"case {meta['case']}", f"open {meta['open']}",
              "format")
     parts, total = [], 0
     for name, passed in zip(names, ok):
@@ -296,8 +277,8 @@ def meta_judgement_example(t: Task, i: int, rng: random.Random) -> tuple[str, st
     """(response, judgement A, judgement B, target, oracle score) for a meta-judge seed example.
 
     One judgement is the oracle's reason for the response, the other the reason for a response of another score;
-    Score lines are left out, as the meta-judge sees judgements (parse.strip_score). Task i is family i % 3 (see
-    make_tasks); its score is (i // 3) % 6 and the true judgement is A when (i // 18) is even, so family, score and
+    Score lines are left out, as the meta-judge sees judgements (parse.strip_score). Task i is family i % 4 (see
+    make_tasks); its score is (i // 4) % 6 and the true judgement is A when (i // 24) is even, so family, score and
     winner are balanced and independent (a winner tied to the score would be a shortcut).
     """
     score = (i // len(FAMILIES)) % 6
@@ -349,7 +330,7 @@ def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], s
 
     put("ift", _sft_rows(tasks("ift", world_cfg.num_ift), with_gold=True))
 
-    # EFT: task i is family i % 3 and gets score (i // 3) % 6, so (family, score) cells are balanced too.
+    # EFT: task i is family i % 4 and gets score (i // 4) % 6, so (family, score) cells are balanced too.
     rng = random.Random(f"world:{seed}:eft:responses")
     rows = []
     for i, t in enumerate(tasks("eft", world_cfg.num_eft)):
