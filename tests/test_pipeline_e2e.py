@@ -71,7 +71,7 @@ def test_pairs_are_real_and_scored_by_the_oracle(repro):
         assert pairs["pairs/policy_pairs"] >= 3, pairs
         assert sum(pairs[f"pairs/oracle_{k}_frac"] for k in ("correct", "tie", "reversed")) == pytest.approx(1.0)
         ev = json.loads((proj / f"runs/iter{t}/eval.json").read_text())
-        assert 0.0 <= ev["eval/judge_own_pairwise_acc"] <= 1.0 and "eval/skip/oracle_reward" in ev
+        assert 0.0 <= ev["eval/judge_own_pairwise_acc"] <= 1.0 and "eval/animals/oracle_reward" in ev
     assert "## Per task family" in (proj / "runs/report/report.md").read_text()
 
 

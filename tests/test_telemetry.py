@@ -1,6 +1,6 @@
 """Pair-quality telemetry and label controls, on hand-built judged responses with known oracle scores.
 
-Four prompts (families skip, start, last, skip), four responses each with oracle scores o and judge means j
+Four prompts (families animals, foods, tools, animals), four responses each with oracle scores o and judge means j
 (worked by hand):
 
     A  o = [5, 3, 1, 1]  j = [4, 4.5, 1, 2]   judge pair 1 > 2: oracle 3 > 1, correct
@@ -26,7 +26,7 @@ from harness.telemetry import own_pairwise_acc, pair_quality
 
 ORACLE = [[5, 3, 1, 1], [2, 2, 4, 0], [1, 4, 3, 3], [5, 0, 2, 2]]
 JUDGE = [[4, 4.5, 1, 2], [3, 1, 2, 2.5], [4, 1, 2, 2], [5, 0, 3, 3]]
-FAMS = ["skip", "start", "last", "skip"]
+FAMS = ["animals", "foods", "tools", "animals"]
 
 
 def _judged(tmp_path, judge=JUDGE) -> Layout:
@@ -58,11 +58,11 @@ def test_pair_telemetry_on_hand_built_pairs(tmp_path):
     assert m["pairs/policy_pairs"] == 4
     assert (m["pairs/oracle_correct_frac"], m["pairs/oracle_tie_frac"], m["pairs/oracle_reversed_frac"]) == (
         0.5, 0.25, 0.25)
-    assert m["pairs/skip/oracle_correct_frac"] == 1.0 and m["pairs/start/oracle_tie_frac"] == 1.0
-    assert m["pairs/last/oracle_reversed_frac"] == 1.0 and m["pairs/skip/oracle_pairs"] == 2
+    assert m["pairs/animals/oracle_correct_frac"] == 1.0 and m["pairs/foods/oracle_tie_frac"] == 1.0
+    assert m["pairs/tools/oracle_reversed_frac"] == 1.0 and m["pairs/animals/oracle_pairs"] == 2
     assert m["pairs/judge_own_pairwise_acc"] == pytest.approx(0.55) and m["pairs/judge_own_pairs"] == 20
-    assert m["pairs/start/judge_own_pairwise_acc"] == pytest.approx(0.4)
-    assert m["pairs/skip/judge_own_pairwise_acc"] == pytest.approx(0.9)  # A 4 of 5, D 5 of 5
+    assert m["pairs/foods/judge_own_pairwise_acc"] == pytest.approx(0.4)
+    assert m["pairs/animals/judge_own_pairwise_acc"] == pytest.approx(0.9)  # A 4 of 5, D 5 of 5
     assert read_json(lay.it(1) / "pairs_metrics.json") == m
     pairs = sorted(read_jsonl(lay.it(1) / "pairs.jsonl"), key=lambda p: p["id"])  # batches are shuffled
     assert [(p["chosen_oracle"], p["rejected_oracle"]) for p in pairs] == [(3, 1), (2, 2), (1, 4), (5, 0)]

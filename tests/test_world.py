@@ -20,35 +20,43 @@ from harness.io import read_jsonl, tree_hash
 from harness.judging import parse
 
 META = {
-    "skip": {"family": "skip", "kind": "animals", "k": 2, "arg": "dog", "open": ">", "sep": "commas", "end": ".",
-             "offset": 3},  # gold "> bee, cat."
-    "start": {"family": "start", "kind": "foods", "k": 3, "arg": "jam", "open": "*", "sep": "dashes", "end": "!",
-              "offset": 0},  # gold "* jam - bun - egg!"
-    "last": {"family": "last", "kind": "tools", "k": 2, "arg": "pen", "open": "+", "sep": "slashes", "end": "?",
-             "offset": 11},  # gold "+ mug / pen?"
+    "animals": {"family": "animals", "k": 2, "case": "lowercase", "open": ">", "sep": "commas", "end": ".",
+                "offset": 3},  # gold "> bee, cat."
+    "foods": {"family": "foods", "k": 3, "case": "capitals", "open": "*", "sep": "dashes", "end": "!",
+              "offset": 0},  # gold "* BUN - EGG - FIG!"
+    "tools": {"family": "tools", "k": 2, "case": "capitalized", "open": "+", "sep": "slashes", "end": "?",
+              "offset": 10},  # gold "+ Cup / Mug?"
+    "body": {"family": "body", "k": 4, "case": "lowercase", "open": "#", "sep": "bars", "end": ":",
+             "offset": 8},  # gold "# toe | gum | arm | ear:"
 }
 
-# One point per check: kind (every item a word of the asked kind), count (exactly k), open (the asked symbol and a
-# space first), the family's rule, format (separator, end mark, nothing else). No word of the kind at all: 0.
+# One point per check: kind (every item a word of the asked kind), count (exactly k), case, open (the asked symbol
+# and a space first), format (separator, end mark, nothing else). No word of the kind at all: 0.
 HAND_GRADED = {
-    "skip": [
+    "animals": [
         ("> bee, cat.", 5), ("> fox, owl.", 5), (" > cat, bee.\n", 5),
-        ("> cat, owl", 4), ("> cat - owl.", 4), ("cat, owl.", 4), ("* cat, owl.", 4), ("> cat, dog.", 4),
-        ("> cat, owl, pig.", 4), ("> cat, egg.", 4), ("> cat.", 4), ("> cat, OWL.", 4), ("> cats, owl.", 4),
-        ("cat, owl", 3), (">cat, owl.", 3), ("cat - dog", 2), ("Sure! cat, owl.", 1), ("Sure! cat, dog.", 0),
-        ("* dog, fox, egg.", 1),
-        ("I do not know.", 0), ("", 0), ("cats dogs", 0), ("> CAT, OWL.", 0), ("catowl.", 0), ("> egg, pen.", 0),
+        ("> cat, owl", 4), ("> cat - owl.", 4), ("cat, owl.", 4), ("* cat, owl.", 4), ("> cat, egg.", 4),
+        ("> cat, owl, pig.", 4), ("> cat.", 4), ("> cat, OWL.", 4), ("> cats, owl.", 4),
+        ("cat, owl", 3), (">cat, owl.", 3), ("cat - egg", 2), ("Sure! cat, owl.", 0), ("CAT, OWL, PIG", 1),
+        ("* dog, fox, egg.", 2),
+        ("I do not know.", 0), ("", 0), ("cats dogs", 0), ("catowl.", 0), ("> egg, pen.", 0),
     ],
-    "start": [
-        ("* jam - bun - egg!", 5), ("* jam - pie - tea!", 5),
-        ("* bun - jam - egg!", 4), ("* jam - bun - egg", 4), ("> jam - bun - egg!", 4), ("* jam - bun!", 4),
-        ("* jam - bun - cow!", 4),
-        ("bun, jam, egg", 2), ("* jam", 3), ("Jam bun", 0), ("bun, egg, cow", 1), ("* cow - pig!", 0),
+    "foods": [
+        ("* BUN - EGG - FIG!", 5), ("* JAM - PIE - TEA!", 5),
+        ("* bun - egg - fig!", 4), ("* BUN - EGG - FIG", 4), ("> BUN - EGG - FIG!", 4), ("* BUN - EGG!", 4),
+        ("* BUN - EGG - COW!", 4), ("* Bun - EGG - FIG!", 4),
+        ("bun, egg, fig", 2), ("* BUN", 3), ("Jam bun", 1), ("bun, egg, COW", 1), ("* COW - PIG!", 0),
     ],
-    "last": [
-        ("+ mug / pen?", 5), ("+ axe / pen?", 5),
-        ("+ pen / mug?", 4), ("mug / pen?", 4), ("+ mug, pen?", 4), ("+ axe / mug / pen?", 4), ("+ mug / pen.", 4),
-        ("+ pen?", 4), ("pen", 2), ("saw cow", 1), ("Hello", 0),
+    "tools": [
+        ("+ Cup / Mug?", 5), ("+ Axe / Saw?", 5),
+        ("Cup / Mug?", 4), ("+ Cup, Mug?", 4), ("+ Cup / Mug / Pen?", 4), ("+ Cup / Mug.", 4), ("+ cup / Mug?", 4),
+        ("+ Cup?", 4), ("cup", 1), ("saw cow", 1), ("cow", 0), ("Cup, Mug?", 3), ("Cup, Cow", 2), ("Hello", 0),
+    ],
+    "body": [
+        ("# toe | gum | arm | ear:", 5), ("# arm | leg | lip | rib:", 5),
+        ("# toe | gum | arm:", 4), ("toe | gum | arm | ear:", 4), ("# toe, gum, arm, ear:", 4),
+        ("# TOE | GUM | ARM | EAR:", 4), ("# toe | gum | arm | cat:", 4),
+        ("toe gum arm ear", 3), ("TOE GUM", 1), ("toe, gum", 2), ("EAR", 1), ("tea", 0),
     ],
 }
 
@@ -71,15 +79,16 @@ def test_hand_graded_cover_every_family_and_level():
 
 
 def test_gold_answers_and_prompts():
-    assert [W.gold_answer(META[f]) for f in W.FAMILIES] == ["> bee, cat.", "* jam - bun - egg!", "+ mug / pen?"]
-    assert W.make_task("skip", random.Random(1), "t").prompt == (
-        "Name 4 body parts, not ear. Open with * then separate with commas and end with !")
+    assert [W.gold_answer(META[f]) for f in W.FAMILIES] == ["> bee, cat.", "* BUN - EGG - FIG!", "+ Cup / Mug?",
+                                                            "# toe | gum | arm | ear:"]
+    assert W.make_task("body", random.Random(1), "t").prompt.startswith("Name ")
+    assert " body parts " in W.make_task("body", random.Random(1), "t").prompt
 
 
 def test_judgement_walks_the_checks_with_a_running_total():
-    assert W.judgement(META["skip"], "cat, owl") == (
-        "kind animals yes 1, count 2 yes 2, open > no 2, rule not dog yes 3, format no 3\nScore: 3")
-    assert W.judgement(META["skip"], "hello") == "No animals.\nScore: 0"
+    assert W.judgement(META["animals"], "cat, owl") == (
+        "kind animals yes 1, count 2 yes 2, case lowercase yes 3, open > no 3, format no 3\nScore: 3")
+    assert W.judgement(META["body"], "hello") == "No body parts.\nScore: 0"
 
 
 def test_degrade_hits_every_level_for_every_family():
@@ -99,7 +108,7 @@ def test_degrade_hits_every_level_for_every_family():
 
 def test_degrade_rejects_bad_level():
     with pytest.raises(ValueError):
-        W.degrade(META["skip"], 6, random.Random(0))
+        W.degrade(META["animals"], 6, random.Random(0))
 
 
 _TASKS = [META[f] for f in W.FAMILIES] + [W.make_task(f, random.Random(i), "h").meta
@@ -124,14 +133,14 @@ def test_oracle_on_near_miss_text(meta, parts):
 
 
 def test_oracle_non_string_response_scores_zero():
-    assert W.oracle_score(META["skip"], None) == 0
+    assert W.oracle_score(META["animals"], None) == 0
 
 
 def test_make_tasks_balanced_unique_and_deterministic():
     a = W.make_tasks(50, random.Random(3), "x")
     b = W.make_tasks(50, random.Random(3), "x")
     assert a == b
-    assert Counter(t.family for t in a) == {"skip": 17, "start": 17, "last": 16}
+    assert Counter(t.family for t in a) == {"animals": 13, "foods": 13, "tools": 12, "body": 12}
     assert len({t.prompt for t in a}) == 50 and len({t.id for t in a}) == 50
 
 
@@ -195,7 +204,7 @@ def test_build_world_splits(tmp_path):
         scores[meta["oracle_score"]] += 1
     assert set(scores) == set(range(6)) and max(scores.values()) - min(scores.values()) <= len(W.FAMILIES)
     cells = Counter((r["meta"]["family"], r["meta"]["oracle_score"]) for r in rows["eft"])
-    assert len(cells) == 18 and max(cells.values()) - min(cells.values()) <= 1
+    assert len(cells) == 24 and max(cells.values()) - min(cells.values()) <= 1
 
     # judge_eval: num_test // 4 prompts, 2-3 responses of distinct quality each, scores true to the oracle.
     by_task = {}
@@ -232,14 +241,14 @@ def _meta_text(prompt, response, a, b):
 
 
 def test_mft_seed_true_judgement_wins_balanced_and_leaves_other_splits_alone(tmp_path):
-    cfg = World(num_ift=40, num_eft=60, num_mft=36, prompts_per_iteration=15, num_validation=10, num_test=20)
+    cfg = World(num_ift=40, num_eft=60, num_mft=48, prompts_per_iteration=15, num_validation=10, num_test=20)
     with_mft = W.build_world(cfg, 5, _judge_text, tmp_path / "a", 2, _meta_text)
     without = W.build_world(cfg, 5, _judge_text, tmp_path / "b", 2)
     assert set(with_mft) - set(without) == {"mft"}
     for name in without:  # the meta-judge seed is drawn last: every other split is byte-identical
         assert tree_hash(with_mft[name]) == tree_hash(without[name]), name
     rows = sft.read_sft(with_mft["mft"])
-    assert len(rows) == 36
+    assert len(rows) == 48
     winners, scores = Counter(), Counter()
     other_prompts = {sft.user_text(r) for n in ("ift", "test", "validation", "prompts_1", "prompts_2")
                      for r in sft.read_sft(with_mft[n])}
@@ -256,5 +265,5 @@ def test_mft_seed_true_judgement_wins_balanced_and_leaves_other_splits_alone(tmp
         assert parse.parse_winner(target) == meta["winner"]
         winners[meta["winner"]] += 1
         scores[meta["oracle_score"]] += 1
-    assert winners["A"] == winners["B"] == 18 and set(scores) == set(range(6))
-    assert len({(r["meta"]["family"], r["meta"]["oracle_score"], r["meta"]["winner"]) for r in rows}) == 36
+    assert winners["A"] == winners["B"] == 24 and set(scores) == set(range(6))
+    assert len({(r["meta"]["family"], r["meta"]["oracle_score"], r["meta"]["winner"]) for r in rows}) == 48
