@@ -215,17 +215,31 @@ def make_tasks(n: int, rng: random.Random, id_prefix: str, exclude: set[str] | N
     return tasks
 
 
+def _observed(meta: dict, response: str) -> tuple[str, str, str, str]:
+    """What the response shows for the kind, count, case and opening: the values the checks compare with the asked
+    ones ("mixed" when the items disagree, "none" without an opening symbol)."""
+    opened, body = _split(response)
+    items = _ITEM_RE.findall(body)
+    kinds = {next((k for k, ws in KINDS.items() if w.lower() in ws), "other") for w in items}
+    cases = {next((c for c, f in _CASES.items() if w == f(w)), "mixed") for w in items}
+    kind = _PHRASE.get(next(iter(kinds)), next(iter(kinds))) if len(kinds) == 1 else "mixed"
+    return kind, str(len(items)), next(iter(cases)) if len(cases) == 1 else "mixed", opened or "none"
+
+
 def grade(task_or_meta: Task | dict, response: str) -> Grade:
-    """The oracle's score, its reason and the five checks. Deterministic, cheap, never raises on any string."""
+    """The oracle's score, its reason and the five checks. Deterministic, cheap, never raises on any string.
+
+    The reason walks the checks; each names the asked value and the value the response shows, then yes or no and
+    the running total ("count 3 4 no 1"): every decision is a comparison of the two words just written."""
     if not isinstance(response, str):
         return Grade(0, "No answer.")
     meta = _meta(task_or_meta)
     ok = checks(meta, response)
     if ok is None:
         return Grade(0, f"No {_PHRASE.get(meta['family'], meta['family'])}.")
-    # each check echoes the prompt's own words for what it compares (same tokens: a copy, not a translation)
-    names = (f"kind {_PHRASE.get(meta['family'], meta['family'])}", f"count {meta['k']}", f"case {meta['case']}", f"open {meta['open']}",
-             "format")
+    kind, count, case, opened = _observed(meta, response)
+    names = (f"kind {_PHRASE.get(meta['family'], meta['family'])} {kind}", f"count {meta['k']} {count}",
+             f"case {meta['case']} {case}", f"open {meta['open']} {opened}", "format")
     parts, total = [], 0
     for name, passed in zip(names, ok):
         total += passed
