@@ -294,6 +294,19 @@ def cmd_export_nemo(args) -> int:
     return 0
 
 
+def cmd_table(args) -> int:
+    from harness import table
+
+    spec = table.load_spec(args.spec)
+    if args.action == "run":
+        table.run(spec, jobs=args.jobs)
+    else:
+        out = Path(args.out or f"results/{spec.name}")
+        print(table.collect(spec, out, Path(args.readme) if args.readme else None), end="")
+        print(f"wrote {out}/table.md, per_seed.csv, table.png, results.json")
+    return 0
+
+
 STAGES = ("generate", "judge", "meta_judge", "pairs", "train", "evaluate")
 
 
@@ -348,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out", help="the .nemo archive to write")
     _add_config_args(ex)
     ex.set_defaults(func=cmd_export_nemo, root=None)
+    tb = sub.add_parser("table", help="the multi-seed results table: seeds x conditions as DVC experiments")
+    tb.add_argument("action", choices=["run", "collect"],
+                    help="run: queue and run the missing experiments; collect: mean +- sd table, plot, MLflow")
+    tb.add_argument("spec", help="table spec YAML (see experiments/table.yaml)")
+    tb.add_argument("--jobs", type=int, default=1, help="experiments run at once (run)")
+    tb.add_argument("--out", default=None, help="output folder (collect; default results/<name>)")
+    tb.add_argument("--readme", default=None, help="also put the table between the table markers of this file")
+    tb.set_defaults(func=cmd_table)
     sw = sub.add_parser("sweep", help="Optuna study over the pipeline: each trial a `dvc repro` sharing DVC's cache")
     sw.add_argument("space", help="search-space YAML (see experiments/sweep.yaml)")
     sw.add_argument("--n-trials", type=int, default=None, help="total trials in the study (default: the space file's)")

@@ -126,6 +126,9 @@ class Spin:
     judge_reward_regex: str = "(?i)(?:Score|Points): {{ reward }}"
     meta_judge_reward_regex: str = "(?i)Winner: (?:Judgement|Judgment) {{ reward }}"
     rollout_micro_batch_size: int = 32
+    # Task world only: oracle labels are the ceiling of DPO on the iteration's samples, random labels the floor.
+    pair_labels: str = "judge"  # judge | oracle | random
+    cream: str = "none"  # CREAM consistency regularization (arXiv 2410.12735): none | avg | dyn
     length_params: LengthParams = field(default_factory=LengthParams)
     sampling_params: SamplingParams = field(default_factory=SamplingParams)
 
@@ -252,6 +255,8 @@ PATHS = ("pretrained_checkpoint.restore_from_path", "exp_manager.explicit_log_di
                                                                           "judge_train_ds")))
 MIN_TINY_VOCAB = 262  # models/tokenizer.py: the 256 byte tokens + 6 special tokens (BOS, EOS, PAD, 3 chat turns)
 PRECISIONS = ("32", "bf16", "bf16-mixed")  # bf16*: bf16 compute over fp32 weights (models.base.Policy.autocast)
+PAIR_LABELS = ("judge", "oracle", "random")
+CREAM_MODES = ("none", "avg", "dyn")
 PREFERENCE_LOSSES = ("dpo", "scale", "rpo_bwd_kl", "rpo_fwd_kl", "ipo", "rpo_sq")
 SCHEDULES = ("model.spin.ref_policy_kl_penalty", "model.spin.length_control")
 
@@ -561,6 +566,12 @@ def validate(cfg: Config) -> None:
     _check(spin.judge_template in ("paper", "compact"),
            f"model.spin.judge_template: one of paper, compact, got {spin.judge_template!r}")
     _check_judging(spin)
+    _check(spin.pair_labels in PAIR_LABELS,
+           f"model.spin.pair_labels: one of {', '.join(PAIR_LABELS)}, got {spin.pair_labels!r}")
+    _check(spin.pair_labels == "judge" or uses_task_world(cfg),
+           f"model.spin.pair_labels={spin.pair_labels} needs the task world's oracle: it is refused with "
+           "model.data.train_ds.file_path set (use judge)")
+    _check(spin.cream in CREAM_MODES, f"model.spin.cream: one of {', '.join(CREAM_MODES)}, got {spin.cream!r}")
     _check(spin.rollout_micro_batch_size >= 1, "model.spin.rollout_micro_batch_size: must be >= 1")
     lp, sp = spin.length_params, spin.sampling_params
     _check(1 <= lp.max_length, "model.spin.length_params.max_length: must be >= 1")
@@ -627,6 +638,12 @@ def _check_judging(spin: Spin) -> None:
                 check_template(getattr(spin, key), kind, f"model.spin.{key}")
             except TemplateError as e:
                 raise ConfigError(str(e)) from None
+
+
+def uses_task_world(cfg: Config) -> bool:
+    """The embedded task world (prompts, gold answers, the oracle) is used when no prompts file is configured (a
+    user checkpoint can still be trained on the world's prompts)."""
+    return cfg.model.data.train_ds.file_path is None
 
 
 def _as_list(v: Any) -> list:

@@ -63,6 +63,9 @@ MEANING = {
     "model.spin.judge_reward_regex": "regex of the judge's score line; {{ reward }} marks the number",
     "model.spin.meta_judge_reward_regex": "regex of the meta-judge's verdict; {{ reward }} marks A or B",
     "model.spin.rollout_micro_batch_size": "sequences per generation batch",
+    "model.spin.pair_labels": "who labels the pairs: judge (self-rewarding), oracle (the ceiling) or random (the floor); "
+                              "oracle and random only on the task world",
+    "model.spin.cream": "CREAM consistency regularization: none, avg (one rate per iteration) or dyn (per prompt)",
     "model.spin.length_params.max_length": "max new tokens of a response or judgement",
     "model.spin.length_params.min_length": "min new tokens before an end string or EOS may end it",
     "model.spin.sampling_params.use_greedy": "greedy decoding instead of sampling",

@@ -66,10 +66,16 @@ def eval_metrics(cfg: C.Config, t: int) -> set[str]:
     if use_world(cfg):
         out |= {"eval/oracle_reward", "eval/perfect_rate", "eval/response_length", "eval/judge_pairwise_acc",
                 "eval/judge_exact_match", "eval/judge_spearman", "eval/judge_kendall", "eval/judge_parse_failure"}
+        from harness.data.world import FAMILIES
+
+        out |= {"eval/judge_own_pairwise_acc", "eval/judge_own_pairs",
+                *(f"eval/{f}/{k}" for f in FAMILIES for k in ("oracle_reward", "judge_own_pairwise_acc"))}
         if use_sft_baseline(cfg):
             out.add("eval/win_rate_vs_sft_baseline")
         if t == 0 or cfg.model.spin.first_iteration_sft:
-            out.add("eval/win_rate_vs_m1")
+            out |= {"eval/win_rate_vs_m1", *(f"eval/{f}/win_rate_vs_m1" for f in FAMILIES)}
+        if t > 0 and cfg.model.spin.first_iteration_sft:
+            out.add("eval/win_rate_vs_m1_se")
     elif out:
         out |= {"eval/response_length", "eval/judge_self_mean_score", "eval/judge_self_parse_failure"}
     return out
@@ -81,6 +87,59 @@ def win_rate(scores: list[int], baseline: list[int]) -> float:
         raise DataError(f"win rate: {len(scores)} test answers against {len(baseline)} baseline answers (a baseline "
                         "evaluated on another test split: re-run the stage that wrote it)")
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)) / len(scores)
+
+
+def win_rate_se(scores: list[int], baseline: list[int]) -> float:
+    """Standard error of win_rate over the test prompts (sample sd of the 1 / 1/2 / 0 outcomes / sqrt(n))."""
+    xs = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline)]
+    n = len(xs)
+    if n < 2:
+        return float("nan")
+    m = sum(xs) / n
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
+
+
+def _by_family(answers: list[dict], families: dict[str, str], baseline: list[int] | None) -> dict:
+    """eval/<family>/oracle_reward (and win_rate_vs_m1 against `baseline`, in answer order) per task family."""
+    from harness.data.world import FAMILIES
+
+    out = {}
+    for fam in FAMILIES:  # every family, so runs compare key by key (NaN where the test split has none of it)
+        idx = [i for i, a in enumerate(answers) if families[a["id"]] == fam]
+        out[f"eval/{fam}/oracle_reward"] = (sum(answers[i]["oracle_score"] for i in idx) / len(idx) if idx
+                                            else float("nan"))
+        if baseline is not None:
+            out[f"eval/{fam}/win_rate_vs_m1"] = (win_rate([answers[i]["oracle_score"] for i in idx],
+                                                          [baseline[i] for i in idx]) if idx else float("nan"))
+    return out
+
+
+def judge_own_samples(cfg: C.Config, policy, lay: Layout, t) -> dict:
+    """The judge on the policy's own samples: N = num_responses_to_gen sampled answers to the first quarter of the
+    test prompts, each judged once greedily by the same model; pairwise accuracy against the oracle over the pairs it
+    separates (eval/judge_own_pairwise_acc, per family too)."""
+    from harness.data.world import score_record
+    from harness.generation.sampler import generate
+    from harness.judging.parse import parse_score
+    from harness.telemetry import own_judge_metrics
+
+    spin = cfg.model.spin
+    recs = S.read_sft(lay.world / "test.jsonl")
+    recs = recs[: max(1, len(recs) // 4)]
+    outs = generate(policy, [_render(cfg, policy, r) for r in recs], num_samples=spin.num_responses_to_gen,
+                    sampling_params=spin.sampling_params, length_params=spin.length_params,
+                    seed_parts=[(cfg.seed, t, "own", r["id"]) for r in recs], batch_size=spin.rollout_micro_batch_size,
+                    desc=f"own samples {t}")
+    flat = [(r, o["text"]) for r, os_ in zip(recs, outs) for o in os_]
+    jouts = generate(policy, [_judge_prompt(cfg, policy, S.user_text(r), x) for r, x in flat], num_samples=1,
+                     sampling_params=_greedy(cfg), length_params=spin.length_params,
+                     seed_parts=[(cfg.seed, t, "own_judge", r["id"], i) for i, (r, _) in enumerate(flat)],
+                     batch_size=spin.rollout_micro_batch_size, desc=f"judge own samples {t}")
+    groups: dict[str, list] = {}
+    for (r, x), o in zip(flat, jouts):
+        s = parse_score(o[0]["text"], spin.judge_score_low, spin.judge_score_high, spin.judge_reward_regex)
+        groups.setdefault(r["id"], []).append((s, score_record(r, x)))
+    return own_judge_metrics(groups, {r["id"]: r["meta"]["family"] for r in recs}, "eval/")
 
 
 def _test_answers(cfg: C.Config, policy, lay: Layout, t) -> list[dict]:
@@ -135,10 +194,17 @@ def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
             base = [a["oracle_score"] for a in read_jsonl(lay.baseline / "eval_answers.jsonl", R.EVAL_ANSWERS)]
             metrics["eval/win_rate_vs_sft_baseline"] = win_rate(scores, base)
         m1 = lay.it(0) / "eval_answers.jsonl"
+        base = None
         if cfg.model.spin.first_iteration_sft and t > 0 and m1.exists():
-            metrics["eval/win_rate_vs_m1"] = win_rate(scores, [a["oracle_score"] for a in read_jsonl(m1, R.EVAL_ANSWERS)])
+            base = [a["oracle_score"] for a in read_jsonl(m1, R.EVAL_ANSWERS)]
+            metrics["eval/win_rate_vs_m1"] = win_rate(scores, base)
+            metrics["eval/win_rate_vs_m1_se"] = win_rate_se(scores, base)
         elif t == 0:
             metrics["eval/win_rate_vs_m1"] = 0.5  # M1 against itself
+            base = scores
+        families = {r["id"]: r["meta"]["family"] for r in S.read_sft(lay.world / "test.jsonl")}
+        metrics.update(_by_family(answers, families, base))
+        metrics.update(judge_own_samples(cfg, policy, lay, t))
         rows = read_jsonl(lay.world / "judge_eval.jsonl", R.JUDGE_EVAL, nonempty=True)
         prompts = [_judge_prompt(cfg, policy, r["prompt"], r["response"]) for r in rows]
         jouts = generate(policy, prompts, num_samples=1, sampling_params=_greedy(cfg),
@@ -182,7 +248,9 @@ ROWS = [
     ("eval/win_rate_vs_sft_baseline", "policy: win rate vs the SFT baseline (IFT only; oracle-judged, ties 1/2)"),
     ("eval/perfect_rate", "policy: share of impeccable answers (score 5)"),
     ("eval/response_length", "policy: mean answer length (tokens)"),
-    ("eval/judge_pairwise_acc", "judge: pairwise accuracy vs oracle"),
+    ("eval/win_rate_vs_m1_se", "policy: standard error of the win rate vs M1"),
+    ("eval/judge_own_pairwise_acc", "judge: pairwise accuracy on its own samples"),
+    ("eval/judge_pairwise_acc", "judge: pairwise accuracy vs oracle (designed responses)"),
     ("eval/judge_exact_match", "judge: exact-match rate"),
     ("eval/judge_spearman", "judge: Spearman vs oracle"),
     ("eval/judge_kendall", "judge: Kendall tau vs oracle"),
@@ -194,6 +262,12 @@ ROWS = [
     ("train/rejected_generated_rewards", "pairs: mean judge score of rejected"),
     ("pairs/chosen_tokens", "pairs: chosen length (tokens)"),
     ("pairs/rejected_tokens", "pairs: rejected length (tokens)"),
+    ("pairs/oracle_correct_frac", "pairs: chosen really better (oracle)"),
+    ("pairs/oracle_tie_frac", "pairs: chosen and rejected equal (oracle)"),
+    ("pairs/oracle_reversed_frac", "pairs: chosen really worse (oracle)"),
+    ("pairs/judge_own_pairwise_acc", "pairs: the labelling judge's accuracy on the iteration's samples"),
+    ("pairs/policy_pairs", "pairs: policy pairs"),
+    ("cream/consistency_rate", "pairs: CREAM consistency rate"),
     ("train/bad_samples_per_GBS", "pairs: bad samples per global batch"),
     ("pairs/judge_pairs", "pairs: judge pairs (Meta-Rewarding)"),
     ("train/acc", "train: preference accuracy (last epoch)"),
@@ -216,6 +290,28 @@ def _fmt(v) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
+FAMILY_ROWS = [("eval/{}/oracle_reward", "oracle score"), ("eval/{}/win_rate_vs_m1", "win rate vs M1"),
+               ("eval/{}/judge_own_pairwise_acc", "judge on own samples"),
+               ("pairs/{}/oracle_correct_frac", "pairs really better"),
+               ("pairs/{}/oracle_reversed_frac", "pairs reversed")]
+
+
+def family_table(rows: list[dict]) -> list[str]:
+    """The report's per-family breakdown (task world): one line per (family, metric), one column per model."""
+    fams = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("eval/") and k.endswith("/oracle_reward")
+                   and k.count("/") == 2})
+    if not fams:
+        return []
+    out = ["", "## Per task family", "", "| family | metric | " + " | ".join(r["model"] for r in rows) + " |",
+           "|---|---|" + "---|" * len(rows)]
+    for fam in fams:
+        for key, label in FAMILY_ROWS:
+            k = key.format(fam)
+            if any(k in r for r in rows):
+                out.append(f"| {fam} | {label} | " + " | ".join(_fmt(r.get(k)) for r in rows) + " |")
+    return out
+
+
 def run_report(cfg: C.Config, lay: Layout, out_dir: Path) -> dict:
     """report.md (a table per iteration, rows as in the papers' tables), iterations.csv for DVC plots, PNG plots."""
     import matplotlib
@@ -233,6 +329,7 @@ def run_report(cfg: C.Config, lay: Layout, out_dir: Path) -> dict:
     for key, label in ROWS:
         if any(key in r for r in rows):
             lines.append(f"| {label} | " + " | ".join(_fmt(r.get(key)) for r in rows) + " |")
+    lines += family_table(rows)
     warnings = [w for r in rows if (w := no_pairs_warning(r, r["iteration"]))]
     lines += ["", *(f"**Warning**: {w}" for w in warnings)] if warnings else []
     lines += ["", "Where the time went (stage wall times; they differ between reruns, so they are kept out of this "
@@ -243,7 +340,9 @@ def run_report(cfg: C.Config, lay: Layout, out_dir: Path) -> dict:
     csv += [f"{r['iteration']}," + ",".join("" if r.get(k) is None else repr(r.get(k)) for k in keys) for r in rows]
     (out_dir / "iterations.csv").write_text("\n".join(csv) + "\n", encoding="utf-8")
     plots = {"oracle_reward": ["eval/oracle_reward"], "win_rate": ["eval/win_rate_vs_m1", "eval/win_rate_vs_sft_baseline"],
-             "judge": ["eval/judge_pairwise_acc", "eval/judge_exact_match", "eval/judge_spearman"],
+             "judge": ["eval/judge_pairwise_acc", "eval/judge_own_pairwise_acc", "eval/judge_exact_match",
+                       "eval/judge_spearman"],
+             "pairs": ["pairs/oracle_correct_frac", "pairs/oracle_tie_frac", "pairs/oracle_reversed_frac"],
              "lengths": ["eval/response_length", "pairs/chosen_tokens", "pairs/rejected_tokens"],
              "rewards": ["train/chosen_generated_rewards", "train/rejected_generated_rewards"]}
     (out_dir / "plots").mkdir(exist_ok=True)

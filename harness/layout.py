@@ -55,7 +55,7 @@ def log_dir(cfg: C.Config) -> Path:
 
 def use_world(cfg: C.Config) -> bool:
     """The synthetic task world supplies prompts, gold answers and the oracle (no prompts file configured)."""
-    return cfg.model.data.train_ds.file_path is None
+    return C.uses_task_world(cfg)
 
 
 def use_sft_baseline(cfg: C.Config) -> bool:

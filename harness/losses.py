@@ -23,6 +23,7 @@ __all__ = [
     "PREFERENCE_LOSSES",
     "dpo_loss",
     "implicit_rewards",
+    "consistency_regularized_loss",
     "ipo_loss",
     "preference_accuracy",
     "preference_loss",
@@ -182,6 +183,31 @@ def preference_loss(
         beta=beta,
         gt_reward_scale=gt_reward_scale,
     )
+
+
+def consistency_regularized_loss(
+    name: str,
+    consistency: Tensor,
+    *,
+    chosen_logratio: Tensor,
+    rejected_logratio: Tensor,
+    chosen_score: float | Tensor,
+    rejected_score: float | Tensor,
+    beta: float | Tensor,
+    gt_reward_scale: float = 1.0,
+) -> Tensor:
+    """CREAM's soft-label loss (arXiv 2410.12735, eq. 8): C * L(y_c > y_r) + (1 - C) * L(y_r > y_c), [B].
+
+    consistency C in [0, 1] per pair (harness.cream): how far the previous iteration's judge agreed with the current
+    one's ranking; C = 1 is the plain loss, C = 1/2 makes the pair's two orders cancel to a pull towards D = 0.
+    For dpo: -C logsig(b*D) - (1 - C) logsig(-b*D)."""
+    kw = {"beta": beta, "gt_reward_scale": gt_reward_scale}
+    forward = preference_loss(name, chosen_logratio=chosen_logratio, rejected_logratio=rejected_logratio,
+                              chosen_score=chosen_score, rejected_score=rejected_score, **kw)
+    backward = preference_loss(name, chosen_logratio=rejected_logratio, rejected_logratio=chosen_logratio,
+                               chosen_score=rejected_score, rejected_score=chosen_score, **kw)
+    c = _as_tensor(consistency, forward)
+    return c * forward + (1 - c) * backward
 
 
 # ------------------------------------------------------------------------------------------------- metrics

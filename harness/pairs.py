@@ -61,6 +61,19 @@ def select_pair(responses: list[dict], rho: float = 0.0) -> dict:
     return {"chosen": chosen, "rejected": rejected, "bad": False, "reason": None}
 
 
+def relabel(responses: list[dict], labels: str, rng: random.Random) -> list[dict]:
+    """The responses with the scores that pick the pair: the judge's mean as it is (labels="judge"), the oracle's
+    score (labels="oracle", each response needs "oracle"), or a uniform draw from rng (labels="random"), which makes
+    chosen/rejected two responses in random order. Copies; the judge's own mean stays in "judge_mean"."""
+    if labels == "judge":
+        return responses
+    if labels not in ("oracle", "random"):
+        raise ValueError(f"relabel: labels must be judge, oracle or random, got {labels!r}")
+    draws = [rng.random() for _ in responses]  # drawn for every response, so a label never depends on is_end
+    return [{**r, "judge_mean": r.get("mean"), "var": 0.0,
+             "mean": float(r["oracle"]) if labels == "oracle" else d} for r, d in zip(responses, draws)]
+
+
 def judge_cap(global_batch_size: int, meta_judge_pcnt: float) -> int:
     """Most judge pairs one global batch may hold: floor(meta_judge_pcnt * global_batch_size)."""
     return math.floor(meta_judge_pcnt * global_batch_size + _EPS)  # 0.15 * 20 is 2.9999999999999996 in floats

@@ -34,11 +34,12 @@ STAGE_PARAMS: dict[str, list[str]] = {
             "model.spin.first_iteration_sft"],
     "sft_baseline": [*_MODEL, *_LOOP, *_GEN, "model.sft", "model.data.sft_ds", "model.spin.first_iteration_sft"],
     "generate": [*_MODEL, *_GEN, "model.spin.num_responses_to_gen", "model.data.train_ds.file_path"],
-    "judge": [*_MODEL, *_GEN, *_JUDGE, "model.spin.num_evals_to_average"],
+    "judge": [*_MODEL, *_GEN, *_JUDGE, "model.spin.num_evals_to_average", "model.spin.cream"],
     "meta_judge": [*_MODEL, *_GEN, *_JUDGE, "model.spin.use_meta_judge", "model.spin.llm_meta_judge_prompt",
                    "model.spin.meta_judge_reward_regex", "model.spin.meta_max_relative_pcnt"],
     "pairs": ["seed", "model.global_batch_size", "model.spin.num_responses_to_gen", "model.spin.length_control",
-              "model.spin.use_meta_judge", "model.spin.meta_judge_pcnt", "model.spin.require_pairs"],
+              "model.spin.use_meta_judge", "model.spin.meta_judge_pcnt", "model.spin.require_pairs",
+              "model.spin.pair_labels", "model.spin.cream", "model.data.train_ds.file_path"],
     "train": [*_MODEL, *_LOOP, "model.optim.lr", "model.optim.name", "trainer.self_rewarding.max_epochs",
               "trainer.self_rewarding.max_steps", "model.spin.ref_policy_kl_penalty", "model.spin.preference_loss",
               "model.spin.preference_loss_weight", "model.spin.sft_loss_weight", "model.spin.gt_reward_scale",
@@ -60,10 +61,10 @@ STAGE_CODE: dict[str, list[str]] = {
     "generate": _MODEL_CODE,
     "judge": [*_MODEL_CODE, "harness/judging"],
     "meta_judge": [*_MODEL_CODE, "harness/judging"],
-    "pairs": ["harness/pairs.py"],
+    "pairs": ["harness/pairs.py", "harness/cream.py", "harness/telemetry.py", "harness/data/world.py"],
     "train": ["harness/models", "harness/train.py", "harness/losses.py", "harness/packing.py"],
     "evaluate": [*_MODEL_CODE, "harness/judging", "harness/evaluate.py", "harness/train.py", "harness/packing.py",
-                 "harness/data/world.py"],
+                 "harness/data/world.py", "harness/telemetry.py"],
     "report": ["harness/evaluate.py"],
 }
 
@@ -129,12 +130,16 @@ def dvc_yaml(cfg: C.Config) -> dict:
                                         [f"{r}/iter0/model", *data("evaluate"), *base_answers],
                                         [f"{r}/iter0/eval_answers.jsonl"], [f"{r}/iter0/eval.json"])
     # a dict (not a list) so DVC names the stages generate@1, generate@2, ... after the iteration
-    items = {str(t): {"it": t, "prev": str(L.model_before(cfg, lay, t)), "prompts": data("generate", t)[0]}
+    # prev: M_t, the model iteration t starts from; prev2: M_{t-1}, CREAM's previous judge (M0 for the first)
+    cream = cfg.model.spin.cream != "none"
+    items = {str(t): {"it": t, "prev": str(L.model_before(cfg, lay, t)), "prompts": data("generate", t)[0],
+                      **({"prev2": str(L.model_before(cfg, lay, max(t - 1, 0)))} if cream else {})}
              for t in range(first, n)}
     it, d = "${item.it}", f"{r}/iter${{item.it}}"
     per_iter = {
         "generate": (["${item.prev}", "${item.prompts}"], [f"{d}/responses.jsonl"], [f"{d}/generate_metrics.json"]),
-        "judge": (["${item.prev}", f"{d}/responses.jsonl"], [f"{d}/judged.jsonl"], [f"{d}/judge_metrics.json"]),
+        "judge": (["${item.prev}", *(["${item.prev2}"] if cream else []), f"{d}/responses.jsonl"],
+                  [f"{d}/judged.jsonl"], [f"{d}/judge_metrics.json"]),
         "meta_judge": (["${item.prev}", f"{d}/judged.jsonl"], [f"{d}/judge_pairs.jsonl"],
                        [f"{d}/meta_judge_metrics.json"]),
         "pairs": ([f"{d}/judged.jsonl", f"{d}/judge_pairs.jsonl"], [f"{d}/pairs.jsonl"], [f"{d}/pairs_metrics.json"]),

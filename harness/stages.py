@@ -181,33 +181,52 @@ def run_generate(cfg: C.Config, lay: Layout, t: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- judge
-def run_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
-    """k = num_evals_to_average judge samples per response, by M_t itself; mean and variance of valid scores."""
+def judge_responses(cfg: C.Config, policy, rows: list[dict], t: int, tag: str = "judge",
+                    stats: dict | None = None) -> list[dict]:
+    """k = num_evals_to_average judge samples of `policy` per response of `rows`: the aggregate (mean, var,
+    judgements, num_failed) of each response, in row order. Samples are seeded by (seed, t, tag, prompt id, j)."""
     from harness.generation.sampler import generate
     from harness.judging.aggregate import aggregate
 
     spin = cfg.model.spin
-    rows = read_jsonl(lay.it(t) / "responses.jsonl", R.RESPONSES, nonempty=True)
-    policy = _load(cfg, model_before(cfg, lay, t), generation=True)
-    prompts, parts, stats = [], [], {}
+    prompts, parts = [], []
     for row in rows:
         for j, r in enumerate(row["responses"]):
             prompts.append(_judge_prompt(cfg, policy, row["question"], r["text"]))
-            parts.append((cfg.seed, t, "judge", row["id"], j))
+            parts.append((cfg.seed, t, tag, row["id"], j))
     outs = generate(policy, prompts, num_samples=spin.num_evals_to_average, sampling_params=spin.sampling_params,
                     length_params=spin.length_params, seed_parts=parts, batch_size=spin.rollout_micro_batch_size,
-                    progress=True, desc=f"judge iter {t}", stats=stats)
-    k, failed, total = 0, 0, 0
-    for row in rows:
-        for r in row["responses"]:
-            agg = aggregate(outs[k], spin.judge_score_low, spin.judge_score_high, spin.judge_reward_regex)
-            r.update(agg)
-            failed, total, k = failed + agg["num_failed"], total + len(outs[k]), k + 1
+                    progress=True, desc=f"{tag} iter {t}", stats=stats)
+    # whole generation records: aggregate keeps is_end (an unended judgement never becomes a meta-judge pair)
+    return [aggregate(out, spin.judge_score_low, spin.judge_score_high, spin.judge_reward_regex) for out in outs]
+
+
+def run_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
+    """k = num_evals_to_average judge samples per response, by M_t itself; mean and variance of valid scores.
+
+    With CREAM (model.spin.cream), the previous model M_{t-1} judges the same responses too (each response's "prev").
+    """
+    spin = cfg.model.spin
+    rows = read_jsonl(lay.it(t) / "responses.jsonl", R.RESPONSES, nonempty=True)
+    stats: dict = {}
+    aggs = judge_responses(cfg, _load(cfg, model_before(cfg, lay, t), generation=True), rows, t, stats=stats)
+    flat = [r for row in rows for r in row["responses"]]
+    for r, agg in zip(flat, aggs):
+        r.update(agg)
+    metrics = {}
+    if spin.cream != "none" and t >= 1:
+        prev = judge_responses(cfg, _load(cfg, model_before(cfg, lay, t - 1), generation=True), rows, t,
+                               tag="judge_prev", stats={})
+        for r, agg in zip(flat, prev):
+            r["prev"] = {k: agg[k] for k in ("mean", "var", "num_failed")}
+        metrics["cream/prev_parse_failure_rate"] = sum(a["num_failed"] for a in prev) / max(
+            1, len(prev) * spin.num_evals_to_average)
     write_jsonl(lay.it(t) / "judged.jsonl", rows)
-    means = [r["mean"] for row in rows for r in row["responses"] if r["mean"] is not None]
-    return {"judge/parse_failure_rate": failed / max(total, 1),
+    means = [a["mean"] for a in aggs if a["mean"] is not None]
+    failed = sum(a["num_failed"] for a in aggs)
+    return {"judge/parse_failure_rate": failed / max(len(aggs) * spin.num_evals_to_average, 1),
             "judge/mean_score": sum(means) / len(means) if means else float("nan"),
-            "judge/truncated_prompts": stats["truncated_prompts"]}
+            "judge/truncated_prompts": stats["truncated_prompts"], **metrics}
 
 
 # ----------------------------------------------------------------------------------------------------- meta-judge
@@ -283,25 +302,46 @@ def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- pairs
 def run_pairs(cfg: C.Config, lay: Layout, t: int) -> dict:
-    """Preference pairs by mean judge score (length control rho), bad samples counted, judge pairs mixed in."""
-    from harness.pairs import bad_sample_stats, mix_judge_pairs, select_pair
+    """Preference pairs by mean judge score (length control rho), bad samples counted, judge pairs mixed in.
+
+    model.spin.pair_labels picks who labels them: the judge, or on the task world the oracle (the ceiling of training
+    on these samples) or chance (the floor). On the task world every pair is also scored by the oracle (telemetry).
+    With CREAM each policy pair carries its consistency rate."""
+    from harness.pairs import bad_sample_stats, mix_judge_pairs, relabel, select_pair
 
     spin = cfg.model.spin
     rho = C.schedule(spin.length_control, t)
     rows = read_jsonl(lay.it(t) / "judged.jsonl", R.JUDGED, nonempty=True)
     judge_pairs = read_jsonl(lay.it(t) / "judge_pairs.jsonl", R.JUDGE_PAIRS)
+    world = C.uses_task_world(cfg)
+    if world:
+        from harness.data.world import score_record
+
+        for row in rows:
+            for r in row["responses"]:
+                r["oracle"] = score_record(row, r["text"])
+    rates, cream_stats = [None] * len(rows), {}
+    if spin.cream != "none":
+        from harness.cream import consistency
+
+        rates, cream_stats = consistency(rows, spin.cream)
     policy_pairs, bad, bad_ends, chosen, rejected = [], 0, 0, [], []
-    for row in rows:
-        rs = row["responses"]
+    for row, rate in zip(rows, rates):
+        rs = relabel(row["responses"], spin.pair_labels, random.Random(f"{cfg.seed}:{t}:{row['id']}:labels"))
         bad_ends += sum(not r["is_end"] for r in rs)
         sel = select_pair(rs, rho)
         if sel["bad"]:
             bad += 1
             continue
         c, r = rs[sel["chosen"]], rs[sel["rejected"]]
-        policy_pairs.append({"id": row["id"], "kind": "policy", "prompt": row["prompt"], "chosen": c["text"],
-                             "rejected": r["text"], "chosen_score": c["mean"], "rejected_score": r["mean"],
-                             "chosen_tokens": c["num_tokens"], "rejected_tokens": r["num_tokens"]})
+        pair = {"id": row["id"], "kind": "policy", "prompt": row["prompt"], "chosen": c["text"],
+                "rejected": r["text"], "chosen_score": c["mean"], "rejected_score": r["mean"],
+                "chosen_tokens": c["num_tokens"], "rejected_tokens": r["num_tokens"]}
+        if world:
+            pair.update(family=row["meta"]["family"], chosen_oracle=c["oracle"], rejected_oracle=r["oracle"])
+        if rate is not None:
+            pair["consistency"] = rate
+        policy_pairs.append(pair)
         chosen.append(c)
         rejected.append(r)
     pcnt = spin.meta_judge_pcnt if spin.use_meta_judge else 0.0
@@ -314,7 +354,14 @@ def run_pairs(cfg: C.Config, lay: Layout, t: int) -> dict:
         "pairs/policy_pairs": len(policy_pairs), "pairs/judge_pairs": sum(x["kind"] == "judge" for x in items),
         "pairs/length_control": rho,
         **{f"pairs/{k}": v for k, v in mix_stats.items() if isinstance(v, (int, float))},
+        **cream_stats,
     }
+    if world:
+        from harness.telemetry import own_judge_metrics, pair_quality
+
+        metrics.update(pair_quality([(p["chosen_oracle"], p["rejected_oracle"], p["family"]) for p in policy_pairs]))
+        groups = {row["id"]: [(r["mean"], r["oracle"]) for r in row["responses"]] for row in rows}
+        metrics.update(own_judge_metrics(groups, {row["id"]: row["meta"]["family"] for row in rows}, "pairs/"))
     if chosen:
         metrics["train/chosen_generated_rewards"] = sum(c["mean"] for c in chosen) / len(chosen)
         metrics["train/rejected_generated_rewards"] = sum(r["mean"] for r in rejected) / len(rejected)

@@ -23,7 +23,13 @@ from harness import config as C
 from harness import parallel as P
 from harness.determinism import derive_seed
 from harness.io import DataError, atomic_path, read_json
-from harness.losses import implicit_rewards, preference_loss, sequence_logps, sft_loss
+from harness.losses import (
+    consistency_regularized_loss,
+    implicit_rewards,
+    preference_loss,
+    sequence_logps,
+    sft_loss,
+)
 from harness.packing import pack, packed_logps, plan, token_logps
 from harness.progress import progress
 
@@ -429,6 +435,10 @@ def train_dpo(policy, pairs: list[dict], cfg: C.Config, *, iteration: int, valid
                 save_file(state, str(tmp), metadata={"key": key})
     scores = torch.tensor([[p["chosen_score"], p["rejected_score"]] for p in pairs], dtype=torch.float32,
                           device=P.current().device)
+    # CREAM: pairs carry a consistency rate (judge pairs and plain runs do not: 1, the unregularized loss)
+    cream = any("consistency" in p for p in pairs)
+    consistency = torch.tensor([p.get("consistency", 1.0) for p in pairs], dtype=torch.float32,
+                               device=P.current().device)
 
     def step_fn(idx: list[int], batch_size: int):
         n = len(idx)
@@ -437,9 +447,10 @@ def train_dpo(policy, pairs: list[dict], cfg: C.Config, *, iteration: int, valid
             sft_avg if spin.sft_loss_weight else None)  # chosen and rejected in one forward
         c_ratio = c_logps - state["ref_chosen"][idx].to(c_logps.device)  # cached/resumed on CPU
         r_ratio = r_logps - state["ref_rejected"][idx].to(r_logps.device)
-        pref = preference_loss(spin.preference_loss, chosen_logratio=c_ratio, rejected_logratio=r_ratio,
-                               chosen_score=scores[idx, 0], rejected_score=scores[idx, 1], beta=beta,
-                               gt_reward_scale=spin.gt_reward_scale)
+        kw = {"chosen_logratio": c_ratio, "rejected_logratio": r_ratio, "chosen_score": scores[idx, 0],
+              "rejected_score": scores[idx, 1], "beta": beta, "gt_reward_scale": spin.gt_reward_scale}
+        pref = (consistency_regularized_loss(spin.preference_loss, consistency[idx], **kw) if cream
+                else preference_loss(spin.preference_loss, **kw))
         sft = -sft_logps if spin.sft_loss_weight else torch.zeros(n, device=pref.device)
         per_sample = spin.preference_loss_weight * pref + spin.sft_loss_weight * sft
         rc, rr = implicit_rewards(c_ratio.detach(), r_ratio.detach(), beta)

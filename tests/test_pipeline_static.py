@@ -36,6 +36,13 @@ def test_iterations_follow_max_iterations():
     items = d["stages"]["generate"]["foreach"]
     assert [(k, i["it"]) for k, i in items.items()] == [("1", 1), ("2", 2), ("3", 3), ("4", 4)]
     assert items["1"]["prev"] == "runs/iter0/model" and items["4"]["prev"] == "runs/iter3/model"
+    assert "prev2" not in items["1"] and "${item.prev2}" not in d["stages"]["judge"]["do"]["deps"]
+    # CREAM's previous judge M_{t-1}: the base model M0 for the first self-rewarding iteration
+    cream = pipeline.dvc_yaml(C.load(None, ["trainer.self_rewarding.max_iterations=5", "model.spin.cream=avg"],
+                                     warn=None))["stages"]
+    items = cream["generate"]["foreach"]
+    assert items["1"]["prev2"] == "runs/base/model" and items["4"]["prev2"] == "runs/iter2/model"
+    assert "${item.prev2}" in cream["judge"]["do"]["deps"]
     cfg = C.load(None, ["trainer.self_rewarding.max_iterations=2", "pretrained_checkpoint.restore_from_path=/m"],
                  warn=None)
     d = pipeline.dvc_yaml(cfg)

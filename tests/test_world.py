@@ -20,56 +20,43 @@ from harness.io import read_jsonl, tree_hash
 from harness.judging import parse
 
 META = {
-    "upper": {"family": "upper", "words": ["cat", "dog", "sun"]},  # gold "CAT, DOG, SUN"
-    "reverse": {"family": "reverse", "items": ["b", "7", "k", "q"]},  # gold "q k 7 b"
-    "sort": {"family": "sort", "items": [12, 5, 40, 7]},  # gold "5 7 12 40"
-    "count": {"family": "count", "letter": "a", "seq": ["a", "b", "a", "c", "a", "d"]},  # gold "3"
-    "add": {"family": "add", "operands": [23, 45]},  # gold "68"
+    "animals": {"family": "animals", "k": 2, "case": "lowercase", "open": ">", "sep": "commas", "end": ".",
+                "offset": 3},  # gold "> bee, cat."
+    "foods": {"family": "foods", "k": 3, "case": "capitals", "open": "*", "sep": "dashes", "end": "!",
+              "offset": 0},  # gold "* BUN - EGG - FIG!"
+    "tools": {"family": "tools", "k": 2, "case": "capitalized", "open": "+", "sep": "slashes", "end": "?",
+              "offset": 10},  # gold "+ Cup / Mug?"
+    "body": {"family": "body", "k": 4, "case": "lowercase", "open": "#", "sep": "bars", "end": ":",
+             "offset": 8},  # gold "# toe | gum | arm | ear:"
 }
 
+# One point per check: kind (every item a word of the asked kind), count (exactly k), case, open (the asked symbol
+# and a space first), format (separator, end mark, nothing else). No word of the kind at all: 0.
 HAND_GRADED = {
-    "upper": [
-        ("CAT, DOG, SUN", 5), ("  CAT, DOG, SUN\n", 5),
-        ("CAT DOG SUN", 4), ("CAT,DOG,SUN", 4), ("CAT, DOG, SUN.", 4), ("The answer is: CAT, DOG, SUN", 4),
-        ("CAT, dog, SUN", 3), ("Cat, DOG, SUN", 3),  # in order, 2 of 3 uppercase
-        ("cat, dog, sun", 2),  # in order, none uppercase
-        ("CAT, SUN", 2), ("DOG, CAT, SUN", 2),  # mostly uppercase, a word missing / out of order
-        ("dog", 1), ("sun, cat", 1), ("CAT", 1),  # 1 of 3 uppercase is under half
-        ("", 0), ("I do not know.", 0), ("CATS DOGS", 0), ("C A T", 0),
+    "animals": [
+        ("> bee, cat.", 5), ("> fox, owl.", 5), (" > cat, bee.\n", 5),
+        ("> cat, owl", 4), ("> cat - owl.", 4), ("cat, owl.", 4), ("* cat, owl.", 4), ("> cat, egg.", 4),
+        ("> cat, owl, pig.", 4), ("> cat.", 4), ("> cat, OWL.", 4), ("> cats, owl.", 4),
+        ("cat, owl", 3), (">cat, owl.", 3), ("cat - egg", 2), ("Sure! cat, owl.", 0), ("CAT, OWL, PIG", 1),
+        ("* dog, fox, egg.", 2),
+        ("I do not know.", 0), ("", 0), ("cats dogs", 0), ("catowl.", 0), ("> egg, pen.", 0),
     ],
-    "reverse": [
-        ("q k 7 b", 5), ("q k 7 b\n", 5),
-        ("q, k, 7, b", 4), ("Answer: q k 7 b", 4), ("q k 7 b.", 4), ("qk7b q k 7 b", 4),
-        ("k q 7 b", 3), ("q k b 7", 3),  # one adjacent swap: 2 of 4 in place, right items
-        ("b 7 k q", 2),  # the input echoed: right items, 0 in place
-        ("q k 7", 2), ("q k 7 x", 2),  # 3 of 4 in place, an item missing / wrong
-        ("b", 1), ("7 q", 1), ("Q K 7 B", 1),  # uppercase letters are other items; only 7 in place
-        ("", 0), ("x y z", 0), ("I do not know.", 0), ("Q K B", 0), ("qk7b", 0),
+    "foods": [
+        ("* BUN - EGG - FIG!", 5), ("* JAM - PIE - TEA!", 5),
+        ("* bun - egg - fig!", 4), ("* BUN - EGG - FIG", 4), ("> BUN - EGG - FIG!", 4), ("* BUN - EGG!", 4),
+        ("* BUN - EGG - COW!", 4), ("* Bun - EGG - FIG!", 4),
+        ("bun, egg, fig", 2), ("* BUN", 3), ("Jam bun", 1), ("bun, egg, COW", 1), ("* COW - PIG!", 0),
     ],
-    "sort": [
-        ("5 7 12 40", 5), (" 5 7 12 40 ", 5),
-        ("5, 7, 12, 40", 4), ("Sorted: 5 7 12 40", 4), ("[5 7 12 40]", 4),
-        ("5 12 7 40", 3), ("7 5 12 40", 3),
-        ("12 5 40 7", 2), ("40 12 7 5", 2),  # right numbers, none in place
-        ("5 7 12", 2), ("5 7 12 41", 2),  # 3 of 4 in place, a number missing / wrong
-        ("40", 1), ("7 5 99", 1), ("05 07 12 40", 2),  # leading zeros are other numbers: 2 of 4 in place
-        ("", 0), ("none", 0), ("1 2 3", 0), ("5712 40000", 0),
+    "tools": [
+        ("+ Cup / Mug?", 5), ("+ Axe / Saw?", 5),
+        ("Cup / Mug?", 4), ("+ Cup, Mug?", 4), ("+ Cup / Mug / Pen?", 4), ("+ Cup / Mug.", 4), ("+ cup / Mug?", 4),
+        ("+ Cup?", 4), ("cup", 1), ("saw cow", 1), ("cow", 0), ("Cup, Mug?", 3), ("Cup, Cow", 2), ("Hello", 0),
     ],
-    "count": [
-        ("3", 5), ("3\n", 5),
-        ("3.", 4), ("The answer is 3", 4), ("There are 3 a's.", 4), ("03", 4), ("6 - 3 = 3", 4),
-        ("2", 3), ("4", 3), ("It appears 4 times.", 3),
-        ("1", 2), ("5", 2),
-        ("9", 1), ("0", 1), ("-3", 1), ("3 times? No, 7", 1), ("1" * 5000, 1),
-        ("", 0), ("three", 0), ("I do not know.", 0),
-    ],
-    "add": [
-        ("68", 5), (" 68 ", 5),
-        ("68.", 4), ("23 + 45 = 68", 4), ("The answer is 68", 4), ("+68", 4),
-        ("67", 3), ("70", 3), ("The sum is 66.", 3),
-        ("58", 2), ("78", 2), ("75", 2),
-        ("23", 1), ("23 + 45", 1), ("-68", 1), ("999999999999999999999", 1), ("6 8", 1),
-        ("", 0), ("sixty-eight", 0), ("I do not know.", 0),
+    "body": [
+        ("# toe | gum | arm | ear:", 5), ("# arm | leg | lip | rib:", 5),
+        ("# toe | gum | arm:", 4), ("toe | gum | arm | ear:", 4), ("# toe, gum, arm, ear:", 4),
+        ("# TOE | GUM | ARM | EAR:", 4), ("# toe | gum | arm | cat:", 4),
+        ("toe gum arm ear", 3), ("TOE GUM", 1), ("toe, gum", 2), ("EAR", 1), ("tea", 0),
     ],
 }
 
@@ -77,35 +64,51 @@ HAND_GRADED = {
 @pytest.mark.parametrize("family,response,expected",
                          [(f, r, s) for f, cases in HAND_GRADED.items() for r, s in cases])
 def test_hand_graded_examples(family, response, expected):
-    assert W.oracle_score(META[family], response) == expected
-    reason = W.grade(META[family], response).reason
-    assert 0 < len(reason.split()) < 15
+    g = W.grade(META[family], response)
+    assert g.score == expected
+    assert 0 < len(g.reason.split()) <= 24
+    if g.checks:  # the reason walks each check and ends on the total: the judge's score is its last number
+        assert g.reason.split()[-1] == str(expected) and len(g.checks) == 5 and sum(g.checks) == expected
 
 
 def test_hand_graded_cover_every_family_and_level():
     assert set(HAND_GRADED) == set(W.FAMILIES)
     for family, cases in HAND_GRADED.items():
-        assert {s for _, s in cases} == set(range(6)), family
+        assert {s for _, s in cases} >= {0, 1, 2, 4, 5}, family
         assert W.oracle_score(META[family], W.gold_answer(META[family])) == 5
 
 
-def test_gold_answers():
-    assert [W.gold_answer(META[f]) for f in W.FAMILIES] == ["CAT, DOG, SUN", "q k 7 b", "5 7 12 40", "3", "68"]
+def test_gold_answers_and_prompts():
+    assert [W.gold_answer(META[f]) for f in W.FAMILIES] == ["> bee, cat.", "* BUN - EGG - FIG!", "+ Cup / Mug?",
+                                                            "# toe | gum | arm | ear:"]
+    assert W.make_task("body", random.Random(1), "t").prompt.startswith("Name ")
+    assert " body parts " in W.make_task("body", random.Random(1), "t").prompt
+
+
+def test_judgement_walks_the_checks_with_a_running_total():
+    assert W.judgement(META["animals"], "cat, owl") == (
+        "kind animals yes 1, count 2 yes 2, case lowercase yes 3, open > no 3, format no 3\nScore: 3")
+    assert W.judgement(META["body"], "hello") == "No body parts.\nScore: 0"
 
 
 def test_degrade_hits_every_level_for_every_family():
     rng = random.Random(0)
+    failed = Counter()
     for family in W.FAMILIES:
         for seed in range(60):
             task = W.make_task(family, random.Random(seed), f"t{seed}")
             assert W.oracle_score(task, task.gold) == 5
             for target in range(6):
-                assert W.oracle_score(task, W.degrade(task, target, rng)) == target
+                g = W.grade(task, W.degrade(task, target, rng))
+                assert g.score == target
+                failed.update(c for c, ok in zip(W.CHECKS, g.checks) if not ok)
+    # every check fails on its own often: the judge learns each one, not a shortcut
+    assert min(failed[c] for c in W.CHECKS) > 0.5 * max(failed.values())
 
 
 def test_degrade_rejects_bad_level():
     with pytest.raises(ValueError):
-        W.degrade(META["add"], 6, random.Random(0))
+        W.degrade(META["animals"], 6, random.Random(0))
 
 
 _TASKS = [META[f] for f in W.FAMILIES] + [W.make_task(f, random.Random(i), "h").meta
@@ -117,26 +120,27 @@ _TASKS = [META[f] for f in W.FAMILIES] + [W.make_task(f, random.Random(i), "h").
 def test_oracle_never_raises(meta, response):
     g = W.grade(meta, response)
     assert g.score in range(6) and g.score == W.oracle_score(meta, response)
-    assert len(g.reason.split()) < 15
+    assert len(g.reason.split()) <= 24
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.sampled_from(_TASKS), st.lists(st.sampled_from(["CAT", "dog", "b", "7", "q", "12", "5", "40", "68", "3",
-                                                          ",", " ", ".", "-", "answer", ":"]), max_size=12))
+@given(st.sampled_from(_TASKS), st.lists(st.sampled_from(["cat", "dog", "jam", "pen", "egg", "MUG", "toe", "x",
+                                                          ",", " ", ".", " - ", "!", "?", " / ", ":", "> ", "*"]),
+                                         max_size=12))
 def test_oracle_on_near_miss_text(meta, parts):
     assert W.oracle_score(meta, " ".join(parts)) in range(6)
     assert W.oracle_score(meta, "".join(parts)) in range(6)
 
 
 def test_oracle_non_string_response_scores_zero():
-    assert W.oracle_score(META["add"], None) == 0
+    assert W.oracle_score(META["animals"], None) == 0
 
 
 def test_make_tasks_balanced_unique_and_deterministic():
     a = W.make_tasks(50, random.Random(3), "x")
     b = W.make_tasks(50, random.Random(3), "x")
     assert a == b
-    assert Counter(t.family for t in a) == {f: 10 for f in W.FAMILIES}
+    assert Counter(t.family for t in a) == {"animals": 13, "foods": 13, "tools": 12, "body": 12}
     assert len({t.prompt for t in a}) == 50 and len({t.id for t in a}) == 50
 
 
@@ -196,19 +200,19 @@ def test_build_world_splits(tmp_path):
         reason, score_line = target.split("\n")
         assert score_line == f"Score: {meta['oracle_score']}"
         assert W.score_record(r, meta["response"]) == meta["oracle_score"]
-        assert len(reason.split()) < 15
+        assert len(reason.split()) <= 24
         scores[meta["oracle_score"]] += 1
-    assert set(scores) == set(range(6)) and max(scores.values()) - min(scores.values()) <= 1
+    assert set(scores) == set(range(6)) and max(scores.values()) - min(scores.values()) <= len(W.FAMILIES)
     cells = Counter((r["meta"]["family"], r["meta"]["oracle_score"]) for r in rows["eft"])
-    assert len(cells) == 30 and max(cells.values()) - min(cells.values()) <= 1
+    assert len(cells) == 24 and max(cells.values()) - min(cells.values()) <= 1
 
-    # judge_eval: num_test // 2 prompts, 2-3 responses of distinct quality each, scores true to the oracle.
+    # judge_eval: num_test // 4 prompts, 2-3 responses of distinct quality each, scores true to the oracle.
     by_task = {}
     for r in rows["judge_eval"]:
         assert set(r) >= {"id", "prompt", "response", "oracle_score", "family", "meta"}
         assert W.score_record(r, r["response"]) == r["oracle_score"]
         by_task.setdefault(r["task_id"], []).append(r["oracle_score"])
-    assert len(by_task) == cfg.num_test // 2
+    assert len(by_task) == cfg.num_test // 4
     assert all(2 <= len(s) <= 3 and len(set(s)) == len(s) for s in by_task.values())
 
 
@@ -237,14 +241,14 @@ def _meta_text(prompt, response, a, b):
 
 
 def test_mft_seed_true_judgement_wins_balanced_and_leaves_other_splits_alone(tmp_path):
-    cfg = World(num_ift=40, num_eft=60, num_mft=60, prompts_per_iteration=15, num_validation=10, num_test=20)
+    cfg = World(num_ift=40, num_eft=60, num_mft=48, prompts_per_iteration=15, num_validation=10, num_test=20)
     with_mft = W.build_world(cfg, 5, _judge_text, tmp_path / "a", [1, 2], _meta_text)
     without = W.build_world(cfg, 5, _judge_text, tmp_path / "b", [1, 2])
     assert set(with_mft) - set(without) == {"mft"}
     for name in without:  # the meta-judge seed is drawn last: every other split is byte-identical
         assert tree_hash(with_mft[name]) == tree_hash(without[name]), name
     rows = sft.read_sft(with_mft["mft"])
-    assert len(rows) == 60
+    assert len(rows) == 48
     winners, scores = Counter(), Counter()
     other_prompts = {sft.user_text(r) for n in ("ift", "test", "validation", "prompts_1", "prompts_2")
                      for r in sft.read_sft(with_mft[n])}
@@ -261,4 +265,5 @@ def test_mft_seed_true_judgement_wins_balanced_and_leaves_other_splits_alone(tmp
         assert parse.parse_winner(target) == meta["winner"]
         winners[meta["winner"]] += 1
         scores[meta["oracle_score"]] += 1
-    assert winners["A"] == winners["B"] == 30 and set(scores) == set(range(6))
+    assert winners["A"] == winners["B"] == 24 and set(scores) == set(range(6))
+    assert len({(r["meta"]["family"], r["meta"]["oracle_score"], r["meta"]["winner"]) for r in rows}) == 48

@@ -1,26 +1,34 @@
-"""The embedded default's synthetic task world: five instruction families, gold answers and a 0-5 oracle.
+"""The embedded default's synthetic task world: lists of a kind under verifiable instructions, and a 0-5 checklist
+oracle.
 
     build_world(cfg.world, cfg.seed, judge_text_fn, "data/world", iterations=[1, 2])
 
-A tiny Llama trained for minutes on CPU must learn both to answer and to judge, and the user must be able to see
-whether self-rewarding improved the policy and the judge. So prompts and answers are short, every task has a gold
-answer, and an oracle grades any response on the papers' additive 0-5 scale, one point per criterion:
+Self-rewarding rests on one premise: the model judges better than it answers. So every task asks for k words of a
+kind under verifiable instructions, in the manner of IFEval: "Name 3 animals in capitals. Open with + then separate
+with commas and end with !". Each point of the papers' additive 0-5 scale is one local check of the response:
 
-    +1 relevant     uses the task's own elements (its items or words), or gives a number
-    +1 substantial  at least half right (items in place / words in uppercase / number near the sum or count)
-    +1 basic        the basic elements right (the right items / every word in order / number close)
-    +1 complete     the content exactly right
-    +1 impeccable   exactly the gold string: the requested format and nothing extra
+    +1 relevant     kind    every item is a word of the asked kind (animals, foods, tools, body parts)
+    +1 substantial  count   exactly k items
+    +1 basic        case    every item in the asked casing (capitals, lowercase, capitalized)
+    +1 complete     open    the response opens with the asked symbol
+    +1 impeccable   format  the items joined by the asked separator, then the asked end mark, nothing else
 
-Families, easiest first: upper, reverse, sort, count, add. `meta` holds the task's inputs only (the gold is derived
-from them), so a prompt file carries no answer text, and `score_record(record, response)` works from a jsonl record.
+Meeting all five at once is hard for a sampler (one wrong token breaks a check); checking any one is a look at the
+response next to one value of the prompt. A response with no word of the kind is off topic and scores 0. Nothing
+needs copying an arbitrary word from the prompt (which tiny models learn slowly): every asked value is one of a few,
+and a word's kind and casing are properties of the word itself. The judge's target (EFT) walks the checks in order,
+echoing the prompt's words for the value it compares with and keeping a running total, so every step is a
+comparison of adjacent things and the final `Score: N` is the last total:
+"kind animals yes 1, count 3 yes 2, case capitals no 2, open + yes 3, format no 3\\nScore: 3".
+
+Families are the kinds. `meta` holds the task's inputs only (the gold is derived from them), so a prompt file
+carries no answer text, and `score_record(record, response)` works from a jsonl record.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,23 +37,28 @@ from typing import Any
 from harness.data.sft import make_record, write_sft
 from harness.io import write_jsonl
 
-FAMILIES = ("upper", "reverse", "sort", "count", "add")
+FAMILIES = ("animals", "foods", "tools", "body")
 SCORES = range(6)
+CHECKS = ("kind", "count", "case", "open", "format")  # the rubric's five points, in order
 
-# No a/i (English one-letter words would read as items), no l/o/0/1 (look-alikes).
-_SYMBOLS = "bcdefghjkmnpqrstuvwxyz23456789"
-_WORDS = ("cat", "dog", "sun", "map", "cup", "hat", "pen", "box", "fox", "egg", "jam", "kit", "log", "net", "owl",
-          "pig", "rug", "van", "web", "yak", "bee", "car", "fig", "gum", "ink", "key", "leg", "mud", "nut", "oak",
-          "pie", "ram", "sky", "toe", "bus", "bed", "cow", "jar", "lip", "mop")
-_COUNT_LETTERS = "abcdef"
-_WRAPS = ("The answer is: {}", "Answer: {}", "{}.", "Sure! Here it is: {}", "Result: {}")
+# Single-token words (as the tokenizer learns them): a kind is a property of a word, known without the prompt.
+KINDS = {
+    "animals": ("ant", "ape", "bat", "bee", "cat", "cow", "dog", "eel", "elk", "emu", "fox", "hen", "hog", "owl",
+                "pig", "rat", "yak"),
+    "foods": ("bun", "egg", "fig", "ham", "jam", "nut", "oat", "pea", "pie", "tea", "yam", "soy"),
+    "tools": ("axe", "saw", "pin", "pen", "mop", "net", "tap", "jug", "pot", "pan", "cup", "mug"),
+    "body": ("arm", "ear", "eye", "hip", "jaw", "leg", "lip", "rib", "toe", "gum"),
+}
+_WORDS = tuple(w for ws in KINDS.values() for w in ws)
+_PHRASE = {"body": "body parts"}  # how a kind is named in prompts and judgements
+_CASES = {"capitals": str.upper, "lowercase": str.lower, "capitalized": str.capitalize}
+_OPENS = (">", "*", "+", "#", "~")
+_SEPS = {"commas": ", ", "dashes": " - ", "slashes": " / ", "semicolons": "; ", "bars": " | "}
+_ENDS = (".", "!", "?", ":")
 _OFF_TOPIC = ("I do not know.", "Sorry, I cannot help with that.", "Hello! How are you today?", "Maybe later.",
               "That is a good question.", "Please ask me something else.")
-
-_SYMBOL_RE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z0-9](?![A-Za-z0-9])")
-_UINT_RE = re.compile(r"(?<![0-9])[0-9]+(?![0-9])")
-_INT_RE = re.compile(r"-?[0-9]+")
-_WORD_RE = re.compile(r"[A-Za-z]+")
+_ITEM_RE = re.compile(r"[A-Za-z]+")
+_OPEN_RE = re.compile(r"([>*+#~]) ")
 
 
 @dataclass
@@ -60,233 +73,129 @@ class Task:
 @dataclass(frozen=True)
 class Grade:
     score: int  # 0..5
-    reason: str  # a short truthful sentence (< 15 words): what the oracle saw
+    reason: str  # a short truthful line: each check, its result and the running total
+    checks: tuple[bool, ...] = ()  # the five checks (CHECKS order); () when off topic
 
 
-# ----------------------------------------------------------------------------------------------------- graders
-def _grade_sequence(given: list[str], gold: list[str], response: str) -> Grade:
-    n = len(gold)
-    if not set(given) & set(gold):
-        return Grade(0, "None of the given items appear.")
-    k = sum(a == b for a, b in zip(given, gold))
-    right_items = Counter(given) == Counter(gold)
-    correct = given == gold
-    exact = response.strip() == " ".join(gold)
-    tail = "exact format" if exact else "correct, inexact format" if correct else "incorrect"
-    reason = f"Relevant; {k} of {n} in place; {'right' if right_items else 'wrong'} items; {tail}."
-    return Grade(1 + (2 * k >= n) + right_items + correct + exact, reason)
+# ----------------------------------------------------------------------------------------------------- the checks
+def _split(response: str) -> tuple[str | None, str]:
+    """(the opening symbol or None, the body after it) of a stripped response."""
+    text = response.strip()
+    m = _OPEN_RE.match(text)
+    return (m.group(1), text[2:]) if m else (None, text)
 
 
-def _grade_reverse(meta: dict, response: str) -> Grade:
-    return _grade_sequence(_SYMBOL_RE.findall(response), _gold_items(meta), response)
+def checks(meta: dict, response: str) -> tuple[bool, ...] | None:
+    """The five checks of `response` (CHECKS order), or None when it holds no word of the asked kind (off topic)."""
+    opened, body = _split(response)
+    items = _ITEM_RE.findall(body)
+    kind = set(KINDS[meta["family"]])
+    if not kind & {w.lower() for w in items}:
+        return None
+    return (
+        all(w.lower() in kind for w in items),
+        len(items) == meta["k"],
+        all(w == _CASES[meta["case"]](w) for w in items),
+        opened == meta["open"],
+        body == _SEPS[meta["sep"]].join(items) + meta["end"],
+    )
 
 
-def _grade_sort(meta: dict, response: str) -> Grade:
-    return _grade_sequence(_UINT_RE.findall(response), _gold_items(meta), response)
+def _spec(meta: dict) -> dict:
+    if meta.get("family") not in FAMILIES:
+        raise ValueError(f"unknown task family {meta.get('family')!r}; expected one of {', '.join(FAMILIES)}")
+    return meta
 
 
-def _grade_upper(meta: dict, response: str) -> Grade:
-    words, up = meta["words"], [w.upper() for w in meta["words"]]
-    pool = set(words)
-    hits = [t for t in _WORD_RE.findall(response) if t.lower() in pool]
-    if not hits:
-        return Grade(0, "None of the given words appear.")
-    n = len(words)
-    k = sum(u in hits for u in up)
-    in_order = [h.lower() for h in hits] == words
-    correct = hits == up
-    exact = response.strip() == ", ".join(up)
-    tail = "exact format" if exact else "correct, inexact format" if correct else "incorrect"
-    reason = f"Relevant; {k} of {n} uppercase; {'words in order' if in_order else 'wrong words or order'}; {tail}."
-    return Grade(1 + (2 * k >= n) + in_order + correct + exact, reason)
+# ----------------------------------------------------------------------------------------------------- tasks
+def _prompt(meta: dict) -> str:
+    case = {"capitals": "in capitals", "lowercase": "in lowercase", "capitalized": "capitalized"}[meta["case"]]
+    return (f"Name {meta['k']} {_PHRASE.get(meta['family'], meta['family'])} {case}. Open with {meta['open']} then separate with {meta['sep']} "
+            f"and end with {meta['end']}")
 
 
-def _grade_number(response: str, gold: int, near: int, close: int) -> Grade:
-    found = _INT_RE.findall(response)
-    if not found:
-        return Grade(0, "No number in the answer.")
-    last = found[-1]  # the answer is the last number: "23 + 45 = 68" answers 68
-    # int() of a huge digit string is slow (and refused past 4300 digits): anything that long is far off anyway.
-    d = abs(int(last) - gold) if len(last) <= 12 else None
-    shown = last if len(last) <= 6 else "a long number"
-    if d is None or d > near:
-        return Grade(1, f"Answer {shown}, far off.")
-    exact = response.strip() == str(gold)
-    if d == 0:
-        return Grade(4 + exact, f"Answer {shown}, correct; {'exact format' if exact else 'inexact format'}.")
-    return Grade(2 + (d <= close), f"Answer {shown}, off by {d}; {'close' if d <= close else 'near'}.")
+def _valid_words(meta: dict) -> list[str]:
+    """The kind's words in the gold's order (from meta's offset)."""
+    ws = KINDS[meta["family"]]
+    return list(ws[meta["offset"]:] + ws[:meta["offset"]])
 
 
-def _grade_count(meta: dict, response: str) -> Grade:
-    return _grade_number(response, int(_gold_count(meta)), near=2, close=1)
-
-
-def _grade_add(meta: dict, response: str) -> Grade:
-    return _grade_number(response, sum(meta["operands"]), near=10, close=2)
-
-
-# ------------------------------------------------------------------------------------------- task generators
 def _gold_items(meta: dict) -> list[str]:
-    if meta["family"] == "reverse":
-        return list(reversed(meta["items"]))
-    return [str(x) for x in sorted(meta["items"])]
+    return [_CASES[meta["case"]](w) for w in _valid_words(meta)[: meta["k"]]]
 
 
-def _gold_count(meta: dict) -> str:
-    return str(meta["seq"].count(meta["letter"]))
+def _render(meta: dict, items: list[str], opening: str | None = None, sep: str | None = None,
+            end: str | None = None) -> str:
+    opening = meta["open"] if opening is None else opening
+    body = (_SEPS[meta["sep"]] if sep is None else sep).join(items) + (meta["end"] if end is None else end)
+    return f"{opening} {body}" if opening else body
 
 
-def _sample_count(rng: random.Random) -> dict:
-    letter = rng.choice(_COUNT_LETTERS)
-    others = [c for c in _COUNT_LETTERS if c != letter]
-    seq = [letter if rng.random() < 0.3 else rng.choice(others) for _ in range(rng.randint(4, 9))]
-    return {"letter": letter, "seq": seq}
+def _sample(family: str, rng: random.Random) -> dict:
+    return {"family": family, "k": rng.randint(2, 6), "case": rng.choice(sorted(_CASES)),
+            "open": rng.choice(_OPENS), "sep": rng.choice(sorted(_SEPS)), "end": rng.choice(_ENDS),
+            "offset": rng.randrange(len(KINDS[family]))}
 
 
-@dataclass(frozen=True)
-class _Family:
-    sample: Callable[[random.Random], dict]  # the inputs (without "family")
-    prompt: Callable[[dict], str]
-    gold: Callable[[dict], str]
-    grade: Callable[[dict, str], Grade]
-    degrade: Callable[[dict, int, random.Random], str]  # a candidate response aimed at a score
-
-
-def _wrap(body: str, rng: random.Random) -> str:
-    return rng.choice(_WRAPS).format(body) if rng.random() < 0.5 else body
-
-
-def _degrade_sequence(gold: list[str], foreign: list[str], target: int, rng: random.Random) -> str:
-    n, seq = len(gold), list(gold)
-    if target == 5:
-        return " ".join(gold)
-    if target == 4:
-        return rng.choice([", ".join(gold), rng.choice(_WRAPS).format(" ".join(gold)),
-                           rng.choice(_WRAPS).format(", ".join(gold))])
-    if target == 3:  # one adjacent swap: n - 2 >= n / 2 in place for n >= 4, right items
-        i = rng.randrange(n - 1)
-        seq[i], seq[i + 1] = seq[i + 1], seq[i]
-    elif target == 2:  # right items mostly out of place, or mostly in place with an item wrong or missing
-        way = rng.randrange(3)
-        if way == 0:
-            rng.shuffle(seq)
-        elif way == 1:
-            seq[rng.randrange(n)] = rng.choice(foreign)
+# ----------------------------------------------------------------------------------------------------- degrade
+def _candidate(meta: dict, fail: set[str], rng: random.Random) -> str:
+    """A response meant to fail exactly the checks in `fail` (the caller verifies with the oracle)."""
+    valid = _valid_words(meta)
+    items = rng.sample(valid, meta["k"])
+    if "count" in fail:
+        pool = [w for w in valid if w not in items] or valid
+        if len(items) > 2 and rng.random() < 0.5:
+            items.pop(rng.randrange(len(items)))
         else:
-            seq.pop()
-    elif target == 1:  # a few of the items, out of place
-        seq = rng.sample(gold, rng.randint(1, (n - 1) // 2)) + rng.sample(foreign, rng.randint(0, 1))
-        rng.shuffle(seq)
-    else:
-        return rng.choice(_OFF_TOPIC) if rng.random() < 0.5 else " ".join(rng.sample(foreign, rng.randint(1, 3)))
-    return _wrap(" ".join(seq), rng)
-
-
-def _degrade_reverse(meta: dict, target: int, rng: random.Random) -> str:
-    return _degrade_sequence(_gold_items(meta), [s for s in _SYMBOLS if s not in meta["items"]], target, rng)
-
-
-def _degrade_sort(meta: dict, target: int, rng: random.Random) -> str:
-    foreign = [str(x) for x in range(100) if x not in meta["items"]]
-    return _degrade_sequence(_gold_items(meta), foreign, target, rng)
-
-
-def _degrade_upper(meta: dict, target: int, rng: random.Random) -> str:
-    words, up = meta["words"], [w.upper() for w in meta["words"]]
-    n = len(words)
-    if target == 5:
-        return ", ".join(up)
-    if target == 4:
-        return rng.choice([" ".join(up), ",".join(up), rng.choice(_WRAPS).format(", ".join(up))])
-    if target == 3:  # every word in order, at least half but not all in uppercase
-        lower = set(rng.sample(range(n), rng.randint(1, n - (n + 1) // 2)))
-        return ", ".join(w if i in lower else u for i, (w, u) in enumerate(zip(words, up)))
-    if target == 2:
-        way, seq = rng.randrange(3), list(up)
+            items.insert(rng.randrange(len(items) + 1), rng.choice(pool))
+    if "kind" in fail:  # words of another kind (as a sampler confuses them), or a word changed
+        foreign = [w for w in _WORDS if w not in valid]
+        for at in rng.sample(range(len(items)), rng.randint(1, max(1, len(items) - 1))):
+            items[at] = rng.choice(foreign) if rng.random() < 0.7 else items[at] + "s"
+    case = _CASES[meta["case"]]
+    cased = [case(w) for w in items]
+    if "case" in fail:
+        other = _CASES[rng.choice([c for c in sorted(_CASES) if c != meta["case"]])]
+        for at in (range(len(items)) if rng.random() < 0.5 else [rng.randrange(len(items))]):
+            cased[at] = other(items[at])
+    opening, sep, end = meta["open"], _SEPS[meta["sep"]], meta["end"]
+    if "open" in fail:
+        opening = rng.choice([o for o in ("", *_OPENS) if o != opening])
+    if "format" in fail:
+        way = rng.randrange(4)
         if way == 0:
-            seq = list(words)
+            sep = rng.choice([s for s in (*_SEPS.values(), " ", ",") if s != sep])
         elif way == 1:
-            seq.pop(rng.randrange(n))
+            end = rng.choice([e for e in (*_ENDS, "", "..") if e != end])
+        elif way == 2 and len(cased) > 1:
+            i = rng.randrange(len(cased) - 1)
+            wrong = rng.choice([s for s in (*_SEPS.values(), " ") if s != sep])
+            body = sep.join(cased[: i + 1]) + wrong + sep.join(cased[i + 1:]) + end
+            return f"{opening} {body}" if opening else body
         else:
-            i = rng.randrange(n - 1)
-            seq[i], seq[i + 1] = seq[i + 1], seq[i]
-        return _wrap(", ".join(seq), rng)
-    if target == 1:
-        return _wrap(", ".join(rng.sample(words, rng.randint(1, n - 1))), rng)
-    return rng.choice(_OFF_TOPIC)
+            sep, end = rng.choice([s for s in (*_SEPS.values(), " ") if s != sep]), rng.choice(["", *_ENDS])
+    return _render(meta, cased, opening, sep, end)
 
 
-def _degrade_number(gold: int, near: int, close: int, target: int, rng: random.Random, echo: str = "") -> str:
-    if target == 5:
-        return str(gold)
-    if target == 4:
-        return f"{echo} = {gold}" if echo and rng.random() < 0.3 else rng.choice(_WRAPS).format(gold)
-    if target == 0:
+def _off_topic(meta: dict, rng: random.Random) -> str:
+    if rng.random() < 0.5:
         return rng.choice(_OFF_TOPIC)
-    lo, hi = {3: (1, close), 2: (close + 1, near), 1: (near + 1, near + 20)}[target]
-    d = rng.randint(lo, hi)
-    return _wrap(str(gold + d if gold - d < 0 or rng.random() < 0.5 else gold - d), rng)
-
-
-def _degrade_count(meta: dict, target: int, rng: random.Random) -> str:
-    return _degrade_number(int(_gold_count(meta)), 2, 1, target, rng)
-
-
-def _degrade_add(meta: dict, target: int, rng: random.Random) -> str:
-    ops = meta["operands"]
-    return _degrade_number(sum(ops), 10, 2, target, rng, echo=" + ".join(map(str, ops)))
-
-
-_SPECS: dict[str, _Family] = {
-    "upper": _Family(
-        sample=lambda rng: {"words": rng.sample(_WORDS, rng.randint(3, 5))},
-        prompt=lambda m: f"Write these words in uppercase, separated by commas: {' '.join(m['words'])}",
-        gold=lambda m: ", ".join(w.upper() for w in m["words"]),
-        grade=_grade_upper, degrade=_degrade_upper),
-    "reverse": _Family(
-        sample=lambda rng: {"items": rng.sample(_SYMBOLS, rng.randint(4, 7))},
-        prompt=lambda m: f"Reverse the order of this list: {' '.join(m['items'])}",
-        gold=lambda m: " ".join(_gold_items(m)),
-        grade=_grade_reverse, degrade=_degrade_reverse),
-    "sort": _Family(
-        sample=lambda rng: {"items": rng.sample(range(100), rng.randint(4, 6))},
-        prompt=lambda m: f"Sort these numbers from smallest to largest: {' '.join(map(str, m['items']))}",
-        gold=lambda m: " ".join(_gold_items(m)),
-        grade=_grade_sort, degrade=_degrade_sort),
-    "count": _Family(
-        sample=_sample_count,
-        prompt=lambda m: f"In the list {' '.join(m['seq'])}, how many times does {m['letter']} appear? "
-                         "Give only the number.",
-        gold=_gold_count,
-        grade=_grade_count, degrade=_degrade_count),
-    "add": _Family(
-        sample=lambda rng: {"operands": [rng.randint(1, 60) for _ in range(rng.randint(2, 3))]},
-        prompt=lambda m: f"What is {' + '.join(map(str, m['operands']))}? Give only the number.",
-        gold=lambda m: str(sum(m["operands"])),
-        grade=_grade_add, degrade=_degrade_add),
-}
+    foreign = [w for w in _WORDS if w not in KINDS[meta["family"]]]
+    return _render(meta, rng.sample(foreign, rng.randint(1, 3)), opening=rng.choice(["", *_OPENS]))
 
 
 # ------------------------------------------------------------------------------------------------ public API
 def _meta(task_or_meta: Task | dict) -> dict:
-    return task_or_meta.meta if isinstance(task_or_meta, Task) else task_or_meta
-
-
-def _spec(meta: dict) -> _Family:
-    family = meta.get("family")
-    if family not in _SPECS:
-        raise ValueError(f"unknown task family {family!r}; expected one of {', '.join(FAMILIES)}")
-    return _SPECS[family]
+    return _spec(task_or_meta.meta if isinstance(task_or_meta, Task) else task_or_meta)
 
 
 def make_task(family: str, rng: random.Random, task_id: str) -> Task:
-    spec = _spec({"family": family})
-    meta = {"family": family, **spec.sample(rng)}
-    return Task(id=task_id, family=family, prompt=spec.prompt(meta), gold=spec.gold(meta), meta=meta)
+    meta = _sample(_spec({"family": family})["family"], rng)
+    return Task(id=task_id, family=family, prompt=_prompt(meta), gold=_render(meta, _gold_items(meta)), meta=meta)
 
 
 def make_tasks(n: int, rng: random.Random, id_prefix: str, exclude: set[str] | None = None) -> list[Task]:
-    """n tasks, families round-robin (task i is FAMILIES[i % 5]), ids f"{id_prefix}-{i:05d}".
+    """n tasks, families round-robin (task i is FAMILIES[i % 4]), ids f"{id_prefix}-{i:05d}".
 
     Prompts are unique within the list and never in `exclude`, which is updated with the new prompts (pass one set
     to every split to keep splits disjoint by prompt text).
@@ -307,11 +216,21 @@ def make_tasks(n: int, rng: random.Random, id_prefix: str, exclude: set[str] | N
 
 
 def grade(task_or_meta: Task | dict, response: str) -> Grade:
-    """The oracle's score and its reason. Deterministic, cheap, never raises on any response string."""
+    """The oracle's score, its reason and the five checks. Deterministic, cheap, never raises on any string."""
     if not isinstance(response, str):
         return Grade(0, "No answer.")
     meta = _meta(task_or_meta)
-    return _spec(meta).grade(meta, response)
+    ok = checks(meta, response)
+    if ok is None:
+        return Grade(0, f"No {_PHRASE.get(meta['family'], meta['family'])}.")
+    # each check echoes the prompt's own words for what it compares (same tokens: a copy, not a translation)
+    names = (f"kind {_PHRASE.get(meta['family'], meta['family'])}", f"count {meta['k']}", f"case {meta['case']}", f"open {meta['open']}",
+             "format")
+    parts, total = [], 0
+    for name, passed in zip(names, ok):
+        total += passed
+        parts.append(f"{name} {'yes' if passed else 'no'} {total}")
+    return Grade(total, ", ".join(parts), ok)
 
 
 def oracle_score(task_or_meta: Task | dict, response: str) -> int:
@@ -325,24 +244,27 @@ def score_record(record: dict, response: str) -> int:
 
 def gold_answer(task_or_meta: Task | dict) -> str:
     meta = _meta(task_or_meta)
-    return _spec(meta).gold(meta)
+    return _render(meta, _gold_items(meta))
 
 
 def judgement(task_or_meta: Task | dict, response: str) -> str:
-    """The EFT target: the oracle's short reason, then "Score: X" (what the judge parser reads)."""
+    """The EFT target: the oracle's checklist reason, then "Score: X" (what the judge parser reads)."""
     g = grade(task_or_meta, response)
     return f"{g.reason}\nScore: {g.score}"
 
 
-def degrade(task_or_meta: Task | dict, target_score: int, rng: random.Random, max_tries: int = 200) -> str:
-    """A response whose oracle score is exactly target_score (0..5), varied by rng."""
+def degrade(task_or_meta: Task | dict, target_score: int, rng: random.Random, max_tries: int = 400) -> str:
+    """A response whose oracle score is exactly target_score (0..5), varied by rng: which checks fail is drawn
+    uniformly among the 5 - target_score sized subsets, so the judge sees each check fail on its own."""
     if target_score not in SCORES:
         raise ValueError(f"target_score must be in 0..5, got {target_score}")
     meta = _meta(task_or_meta)
-    spec = _spec(meta)
     for _ in range(max_tries):
-        response = spec.degrade(meta, target_score, rng)
-        if spec.grade(meta, response).score == target_score:
+        if target_score == 0:
+            response = _off_topic(meta, rng)
+        else:
+            response = _candidate(meta, set(rng.sample(CHECKS, 5 - target_score)), rng)
+        if grade(meta, response).score == target_score:
             return response
     raise RuntimeError(f"degrade: no response scoring {target_score} for {meta} after {max_tries} tries")
 
@@ -355,9 +277,11 @@ def meta_judgement_example(t: Task, i: int, rng: random.Random) -> tuple[str, st
     """(response, judgement A, judgement B, target, oracle score) for a meta-judge seed example.
 
     One judgement is the oracle's reason for the response, the other the reason for a response of another score;
-    Score lines are left out, as the meta-judge sees judgements (parse.strip_score). The true one is A for even i.
+    Score lines are left out, as the meta-judge sees judgements (parse.strip_score). Task i is family i % 4 (see
+    make_tasks); its score is (i // 4) % 6 and the true judgement is A when (i // 24) is even, so family, score and
+    winner are balanced and independent (a winner tied to the score would be a shortcut).
     """
-    score = i % 6
+    score = (i // len(FAMILIES)) % 6
     response = degrade(t, score, rng)
     right = grade(t, response).reason
     for _ in range(50):
@@ -366,7 +290,7 @@ def meta_judgement_example(t: Task, i: int, rng: random.Random) -> tuple[str, st
             break
     else:
         raise RuntimeError(f"meta-judge seed: no distinct wrong judgement for task {t.id}")
-    winner = "A" if i % 2 == 0 else "B"
+    winner = "A" if (i // (6 * len(FAMILIES))) % 2 == 0 else "B"
     a, b = (right, wrong) if winner == "A" else (wrong, right)
     return response, a, b, f"Judgement {winner} fits the answer.\nWinner: Judgement {winner}", score
 
@@ -399,7 +323,7 @@ def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], s
 
     rng = random.Random(f"world:{seed}:judge_eval:responses")
     rows = []
-    for t in tasks("judge_eval", max(1, world_cfg.num_test // 2)):
+    for t in tasks("judge_eval", max(1, world_cfg.num_test // 4)):
         for j, s in enumerate(rng.sample(SCORES, rng.choice((2, 3)))):
             rows.append({"id": f"{t.id}-r{j}", "task_id": t.id, "prompt": t.prompt, "response": degrade(t, s, rng),
                          "oracle_score": s, "family": t.family, "meta": t.meta})
@@ -407,13 +331,14 @@ def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], s
 
     put("ift", _sft_rows(tasks("ift", world_cfg.num_ift), with_gold=True))
 
-    # EFT: task i is family i % 5 and gets score i % 6, so (family, score) cells are balanced too.
+    # EFT: task i is family i % 4 and gets score (i // 4) % 6, so (family, score) cells are balanced too.
     rng = random.Random(f"world:{seed}:eft:responses")
     rows = []
     for i, t in enumerate(tasks("eft", world_cfg.num_eft)):
-        response = degrade(t, i % 6, rng)
+        score = (i // len(FAMILIES)) % 6
+        response = degrade(t, score, rng)
         rows.append(make_record(judge_text_fn(t.prompt, response), judgement(t, response), id=t.id,
-                                meta={**t.meta, "prompt": t.prompt, "response": response, "oracle_score": i % 6}))
+                                meta={**t.meta, "prompt": t.prompt, "response": response, "oracle_score": score}))
     rng.shuffle(rows)
     put("eft", rows)
 
@@ -444,4 +369,4 @@ def world_texts(n: int, seed: int) -> list[str]:
         response = degrade(t, i % 6, rng)
         texts += [t.prompt, t.gold, response, judgement(t, response)]
     chars = "".join(chr(c) for c in range(33, 127))
-    return texts + [" ".join(_OFF_TOPIC), " ".join(_WRAPS), chars]
+    return texts + [" ".join(_OFF_TOPIC), chars]

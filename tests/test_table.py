@@ -1,0 +1,72 @@
+"""The multi-seed table: spec checks, mean +- sd over seeds (hand-worked), README markers, plot.
+
+Hand-worked: condition SR, seeds 1 and 2, M2 win rates 0.6 and 0.7: mean 0.65, sd = sqrt(((0.05)^2 * 2) / 1) =
+0.0707. M1 has no pairs: its pairs metrics stay "-".
+"""
+
+import pytest
+
+from harness import table
+from harness.io import read_json
+
+
+def _base(tmp_path, **extra):
+    p = tmp_path / "params.yaml"
+    p.write_text("trainer: {self_rewarding: {max_iterations: 2}}\nmodel: {spin: {first_iteration_sft: true}}\n"
+                 "tracking: {enabled: false}\n")
+    spec = tmp_path / "table.yaml"
+    body = {"name": "t", "seeds": [1, 2], "base": str(p),
+            "conditions": {"SR": [], "Oracle labels": ["model.spin.pair_labels=oracle"]}, **extra}
+    import yaml
+
+    spec.write_text(yaml.safe_dump(body, sort_keys=False))
+    return spec
+
+
+def _exps():
+    out = {}
+    for cond, wr in (("sr", (0.6, 0.7)), ("oracle-labels", (0.8, 0.8))):
+        for seed, w in zip((1, 2), wr):
+            out[f"t-{cond}-s{seed}"] = {
+                "runs/iter0/eval.json": {"eval/win_rate_vs_m1": 0.5, "eval/oracle_reward": 2.0},
+                "runs/iter1/eval.json": {"eval/win_rate_vs_m1": w, "eval/oracle_reward": 2.0 + seed},
+                "runs/iter1/pairs_metrics.json": {"pairs/oracle_correct_frac": 0.5 * seed},
+            }
+    return out
+
+
+def test_collect_mean_sd_table_plot_and_readme(tmp_path):
+    spec = table.load_spec(_base(tmp_path))
+    assert spec.exp_name("Oracle labels", 2) == "t-oracle-labels-s2"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{table.BEGIN}\nold numbers\n{table.END}\noutro\n")
+    md = table.collect(spec, tmp_path / "out", readme, exps=_exps())
+    line = next(ln for ln in md.splitlines() if ln.startswith("| SR | M2 |"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[:3] == ["SR", "M2", "2"]
+    assert cells[3 + spec.metrics.index("eval/oracle_reward")] == "3.500 ± 0.707"
+    assert cells[3 + spec.metrics.index("eval/win_rate_vs_m1")] == "0.650 ± 0.071"
+    assert cells[3 + spec.metrics.index("pairs/oracle_correct_frac")] == "0.750 ± 0.354"
+    m1 = next(ln for ln in md.splitlines() if ln.startswith("| SR | M1 |"))
+    assert "-" in m1.split("|")[3 + 1 + spec.metrics.index("pairs/oracle_correct_frac")]
+    assert "- Oracle labels: 0.800, 0.800" in md
+    text = readme.read_text()
+    assert "old numbers" not in text and md in text and text.startswith("intro\n") and text.endswith("outro\n")
+    res = read_json(tmp_path / "out" / "results.json")
+    assert res["summary"][1]["eval/win_rate_vs_m1"]["mean"] == pytest.approx(0.65)
+    assert (tmp_path / "out" / "table.png").stat().st_size > 0
+    assert (tmp_path / "out" / "per_seed.csv").read_text().count("\n") == 1 + 2 * 2 * 2
+
+
+def test_missing_experiment_and_bad_specs(tmp_path):
+    spec = table.load_spec(_base(tmp_path))
+    exps = _exps()
+    del exps["t-sr-s2"]
+    with pytest.raises(table.TableError, match="t-sr-s2 not found"):
+        table.collect(spec, tmp_path / "out", exps=exps)
+    with pytest.raises(table.TableError, match="conditions.Bad: unknown config key model.spin.pair_label"):
+        table.load_spec(_base(tmp_path, conditions={"Bad": ["model.spin.pair_label=oracle"]}))
+    with pytest.raises(table.TableError, match="seeds must be"):
+        table.load_spec(_base(tmp_path, seeds=[]))
+    with pytest.raises(table.TableError, match="must differ"):
+        table.load_spec(_base(tmp_path, conditions={"A b": [], "a-B": []}))
