@@ -116,7 +116,7 @@ def _by_family(answers: list[dict], families: dict[str, str], baseline: list[int
 
 def judge_own_samples(cfg: C.Config, policy, lay: Layout, t) -> dict:
     """The judge on the policy's own samples: N = num_responses_to_gen sampled answers to the first quarter of the
-    test prompts, each judged once greedily by the same model; pairwise accuracy against the oracle over the pairs it
+    test prompts (at least 8), each judged once greedily by the same model; pairwise accuracy against the oracle over the pairs it
     separates (eval/judge_own_pairwise_acc, per family too)."""
     from harness.data.world import score_record
     from harness.generation.sampler import generate
@@ -125,7 +125,7 @@ def judge_own_samples(cfg: C.Config, policy, lay: Layout, t) -> dict:
 
     spin = cfg.model.spin
     recs = S.read_sft(lay.world / "test.jsonl")
-    recs = recs[: max(1, len(recs) // 4)]
+    recs = recs[: max(8, len(recs) // 4)]  # a quarter of the test prompts, at least 8 (or all of a smaller split)
     outs = generate(policy, [_render(cfg, policy, r) for r in recs], num_samples=spin.num_responses_to_gen,
                     sampling_params=spin.sampling_params, length_params=spin.length_params,
                     seed_parts=[(cfg.seed, t, "own", r["id"]) for r in recs], batch_size=spin.rollout_micro_batch_size,

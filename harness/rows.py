@@ -13,6 +13,7 @@ _RESPONSE = {"text": str, "num_tokens": int, "is_end": bool}
 RESPONSES = {"id": str, "prompt": str, "question": str, "responses": [_RESPONSE]}  # generate -> judge
 _SCORED = {**_RESPONSE, "mean": (float, None), "var": (float, None)}
 JUDGED = {"id": str, "prompt": str, "responses": [_SCORED]}  # judge -> pairs
+JUDGED_WORLD = {**JUDGED, "meta": {"family": str}}  # on the task world, pairs has the oracle score each response
 META_JUDGED = {"id": str, "question": str,  # judge -> meta_judge
                "responses": [{**_SCORED, "judgements": [{"text": str, "score": (float, None)}]}]}
 PAIR = {"kind": str, "prompt": str, "chosen": str, "rejected": str, "chosen_score": float, "rejected_score": float}

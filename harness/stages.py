@@ -311,9 +311,9 @@ def run_pairs(cfg: C.Config, lay: Layout, t: int) -> dict:
 
     spin = cfg.model.spin
     rho = C.schedule(spin.length_control, t)
-    rows = read_jsonl(lay.it(t) / "judged.jsonl", R.JUDGED, nonempty=True)
-    judge_pairs = read_jsonl(lay.it(t) / "judge_pairs.jsonl", R.JUDGE_PAIRS)
     world = C.uses_task_world(cfg)
+    rows = read_jsonl(lay.it(t) / "judged.jsonl", R.JUDGED_WORLD if world else R.JUDGED, nonempty=True)
+    judge_pairs = read_jsonl(lay.it(t) / "judge_pairs.jsonl", R.JUDGE_PAIRS)
     if world:
         from harness.data.world import score_record
 

@@ -190,6 +190,9 @@ CASES = [
     ("judged_bad_mean", ["pairs", "-i", "1"],
      edit_jsonl("iter1/judged.jsonl", 3, lambda r: set_key(r, "responses.0.mean", "high")), [],
      r"iter1/judged\.jsonl:3: responses\[0\]\.mean: expected float or null, got str"),
+    ("judged_no_meta", ["pairs", "-i", "1"],  # on the task world the oracle scores each response by its task's meta
+     edit_jsonl("iter1/judged.jsonl", 2, lambda r: set_key(r, "meta", KeyError)), [],
+     r"iter1/judged\.jsonl:2: meta: missing"),
     ("judged_bad_is_end", ["meta_judge", "-i", "1"],
      edit_jsonl("iter1/judged.jsonl", 1, lambda r: set_key(r, "responses.0.is_end", 1)), [],
      r"iter1/judged\.jsonl:1: responses\[0\]\.is_end: expected bool, got int"),

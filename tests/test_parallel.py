@@ -95,7 +95,13 @@ def test_devices_2_relaunches_under_torchrun_and_only_rank_0_writes(tmp_path):
     def response(text, mean):
         return {"text": text, "num_tokens": len(text), "is_end": True, "mean": mean, "var": 0.0}
 
+    import random
+
+    from harness.data.world import make_task
+
+    # the smoke config is on the task world: each row carries its task's meta (the oracle scores every pair)
     judged = [{"id": str(i), "prompt": f"p{i}", "question": f"q{i}",
+               "meta": make_task("animals", random.Random(i), str(i)).meta,
                "responses": [response(f"a{i}", 4.0), response(f"bb{i}", 1.0 + i % 2), response(f"c{i}", 2.0)]}
               for i in range(6)]
     for root in ("one", "two"):
