@@ -70,6 +70,11 @@ def test_pairs_are_real_and_scored_by_the_oracle(repro):
         pairs = json.loads((proj / f"runs/iter{t}/pairs_metrics.json").read_text())
         assert judge["judge/parse_failure_rate"] < 0.5, judge
         assert pairs["pairs/policy_pairs"] >= 3, pairs
+        # Meta-Rewarding: the model's verdicts parse and battle (with 8 prompts, under NeMo's quota). The tiny M1
+        # answers "Judgement A" in both orders, so no judgement wins consistently: tests/test_meta_stage.py shows
+        # judge pairs made and mixed in when the verdicts are right.
+        meta = json.loads((proj / f"runs/iter{t}/meta_judge_metrics.json").read_text())
+        assert meta["meta/battles"] > 0 and meta["meta/unparsed_verdicts"] < meta["meta/battles"], meta
         assert sum(pairs[f"pairs/oracle_{k}_frac"] for k in ("correct", "tie", "reversed")) == pytest.approx(1.0)
         ev = json.loads((proj / f"runs/iter{t}/eval.json").read_text())
         # undefined (null) only when the oracle separates none of the model's own samples
@@ -80,7 +85,7 @@ def test_pairs_are_real_and_scored_by_the_oracle(repro):
 
 def test_sigkill_in_training_then_repro_resumes_and_gives_identical_outputs(repro, tmp_path):
     """Killed after SFT's first save point, the rerun resumes there (stderr and an MLflow tag say so) and ends with
-    the outputs of the uninterrupted run (which had tracking on: outputs must not depend on it either way)."""
+    the outputs of the uninterrupted run (M1 and its evaluation, byte for byte)."""
     proj = make_project(tmp_path / "b", overrides=["tracking.enabled=true", "tracking.experiment_name=killed"])
     e = repro["env"]
     proc = subprocess.Popen(["dvc", "repro"], cwd=proj, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -95,7 +100,9 @@ def test_sigkill_in_training_then_repro_resumes_and_gives_identical_outputs(repr
     proc.wait()
     assert not (proj / "runs/iter0/model").exists()  # nothing half-written
     saved = json.loads(state.read_text())["step"]
-    p = run(["dvc", "repro"], proj, env=e)
+    # Up to M1's evaluation: the resumed stage is SFT, and every later stage is a pure function of its outputs
+    # (the full pipeline's determinism is test_second_repro_does_no_work's and the sweep's reproduction test's).
+    p = run(["dvc", "repro", "evaluate_sft"], proj, env=e)
     assert f"sft: resumed from step {saved} of " in p.stdout + p.stderr
     from mlflow import MlflowClient
 
@@ -105,8 +112,8 @@ def test_sigkill_in_training_then_repro_resumes_and_gives_identical_outputs(repr
     assert [r.data.tags["harness.iteration"] for r in tagged] == ["0"]
     assert tagged[0].data.tags["harness.resumed"].startswith(f"resumed from step {saved} of ")
     a, b = outputs(repro["proj"]), outputs(proj)  # two fresh directories, one of them killed and resumed
-    assert a.keys() == b.keys()
-    diff = [k for k in a if a[k] != b[k]]
+    assert "runs/iter0/model/model.safetensors" in b and "runs/iter0/eval.json" in b and b.keys() <= a.keys()
+    diff = [k for k in b if a[k] != b[k]]
     assert not diff, diff
 
 
