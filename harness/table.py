@@ -164,7 +164,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     vs = [v for v in values if v is not None and not math.isnan(v)]
     if not vs:
         return math.nan, math.nan
-    return statistics.fmean(vs), (statistics.stdev(vs) if len(vs) > 1 else 0.0)
+    return statistics.fmean(vs), (statistics.stdev(vs) if len(vs) > 1 else math.nan)  # one seed: no spread
 
 
 def summarize(spec: Spec, rows: list[dict]) -> list[dict]:
@@ -179,7 +179,9 @@ def summarize(spec: Spec, rows: list[dict]) -> list[dict]:
 
 
 def _cell(ms: tuple[float, float]) -> str:
-    return "-" if math.isnan(ms[0]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"
+    if math.isnan(ms[0]):
+        return "-"
+    return f"{ms[0]:.3f}" if math.isnan(ms[1]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"
 
 
 def markdown(spec: Spec, summary: list[dict], rows: list[dict]) -> str:
@@ -213,7 +215,7 @@ def plot(spec: Spec, summary: list[dict], path: Path) -> None:
                    if s["condition"] == cond and not math.isnan(s[m][0])]
             if pts:
                 x, y, e = zip(*pts)
-                ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=cond)
+                ax.errorbar(x, y, yerr=[0.0 if math.isnan(v) else v for v in e], marker="o", capsize=3, label=cond)
         ax.set_title(m, fontsize=9)
         ax.set_xlabel("model M_t")
         ax.grid(alpha=0.3)
@@ -274,7 +276,8 @@ def _log_mlflow(spec: Spec, summary: list[dict], out_dir: Path) -> None:
             if not math.isnan(mean):
                 step = int(s["model"][1:])
                 client.log_metric(rid, f"{slug(s['condition'])}/{m}/mean", mean, step=step)
-                client.log_metric(rid, f"{slug(s['condition'])}/{m}/sd", sd, step=step)
+                if not math.isnan(sd):
+                    client.log_metric(rid, f"{slug(s['condition'])}/{m}/sd", sd, step=step)
     for f in ("table.md", "per_seed.csv", "table.png", "results.json"):
         client.log_artifact(rid, str(out_dir / f), "table")
     client.set_terminated(rid, "FINISHED")

@@ -58,6 +58,17 @@ def test_collect_mean_sd_table_plot_and_readme(tmp_path):
     assert (tmp_path / "out" / "per_seed.csv").read_text().count("\n") == 1 + 2 * 2 * 2
 
 
+def test_one_seed_shows_no_spread(tmp_path):
+    """With one seed the sd is undefined: the cell is the value alone, never a made-up ± 0.000."""
+    spec = table.load_spec(_base(tmp_path))
+    spec.seeds = [1]
+    md = table.collect(spec, tmp_path / "out", None, exps={k: v for k, v in _exps().items() if k.endswith("-s1")})
+    line = next(ln for ln in md.splitlines() if ln.startswith("| SR | M2 |"))
+    cells = [c.strip() for c in line.split("|")[1:-1]]
+    assert cells[2] == "1" and cells[3 + spec.metrics.index("eval/win_rate_vs_m1")] == "0.600" and "±" not in line
+    assert read_json(tmp_path / "out" / "results.json")["summary"][1]["eval/win_rate_vs_m1"]["sd"] is None
+
+
 def test_missing_experiment_and_bad_specs(tmp_path):
     spec = table.load_spec(_base(tmp_path))
     exps = _exps()
