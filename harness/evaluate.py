@@ -19,7 +19,7 @@ from harness import rows as R
 from harness.data import sft as S
 from harness.io import DataError, pending, read_json, read_jsonl, write_json, write_jsonl
 from harness.layout import Layout, use_sft_baseline, use_world, validation_file
-from harness.stages import _judge_prompt, _load, _render, no_pairs_warning, validation_examples
+from harness.stages import load_stage_policy, no_pairs_warning, render_judge_prompt, render_prompt, validation_examples
 
 
 def _greedy(cfg: C.Config) -> C.SamplingParams:
@@ -126,12 +126,12 @@ def judge_own_samples(cfg: C.Config, policy, lay: Layout, t) -> dict:
     spin = cfg.model.spin
     recs = S.read_sft(lay.world / "test.jsonl")
     recs = recs[: max(8, len(recs) // 4)]  # a quarter of the test prompts, at least 8 (or all of a smaller split)
-    outs = generate(policy, [_render(cfg, policy, r) for r in recs], num_samples=spin.num_responses_to_gen,
+    outs = generate(policy, [render_prompt(cfg, policy, r) for r in recs], num_samples=spin.num_responses_to_gen,
                     sampling_params=spin.sampling_params, length_params=spin.length_params,
                     seed_parts=[(cfg.seed, t, "own", r["id"]) for r in recs], batch_size=spin.rollout_micro_batch_size,
                     desc=f"own samples {t}")
     flat = [(r, o["text"]) for r, os_ in zip(recs, outs) for o in os_]
-    jouts = generate(policy, [_judge_prompt(cfg, policy, S.user_text(r), x) for r, x in flat], num_samples=1,
+    jouts = generate(policy, [render_judge_prompt(cfg, policy, S.user_text(r), x) for r, x in flat], num_samples=1,
                      sampling_params=_greedy(cfg), length_params=spin.length_params,
                      seed_parts=[(cfg.seed, t, "own_judge", r["id"], i) for i, (r, _) in enumerate(flat)],
                      batch_size=spin.rollout_micro_batch_size, desc=f"judge own samples {t}")
@@ -149,7 +149,7 @@ def _test_answers(cfg: C.Config, policy, lay: Layout, t) -> list[dict]:
 
     spin = cfg.model.spin
     recs = S.read_sft(lay.world / "test.jsonl")
-    outs = generate(policy, [_render(cfg, policy, r) for r in recs], num_samples=1, sampling_params=_greedy(cfg),
+    outs = generate(policy, [render_prompt(cfg, policy, r) for r in recs], num_samples=1, sampling_params=_greedy(cfg),
                     length_params=spin.length_params, seed_parts=[(cfg.seed, t, "eval", r["id"]) for r in recs],
                     batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"evaluate {t}")
     return [{"id": r["id"], "answer": o[0]["text"], "num_tokens": o[0]["num_tokens"],
@@ -165,7 +165,7 @@ def _policy_metrics(answers: list[dict]) -> dict:
 def run_evaluate_baseline(cfg: C.Config, lay: Layout) -> dict:
     """The SFT baseline's greedy test answers (what every M_t is compared with) and its oracle metrics."""
     # pending: the model this very stage trained, not committed yet (a stage that fails writes nothing)
-    answers = _test_answers(cfg, _load(cfg, pending(lay.baseline / "model"), generation=True), lay, "sft_baseline")
+    answers = _test_answers(cfg, load_stage_policy(cfg, pending(lay.baseline / "model"), generation=True), lay, "sft_baseline")
     write_jsonl(lay.baseline / "eval_answers.jsonl", answers)
     metrics = _policy_metrics(answers)
     write_json(lay.baseline / "eval.json", metrics)
@@ -176,15 +176,15 @@ def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
     """Evaluate M_{t+1}, the model iteration t produced; writes iter<t>/eval.json and eval_answers.jsonl."""
     from harness.generation.sampler import generate
     from harness.judging.parse import parse_score
-    from harness.train import _val_sft, encode
+    from harness.train import encode, val_sft
 
     spin = cfg.model.spin
-    policy = _load(cfg, lay.model(t), generation=True)
+    policy = load_stage_policy(cfg, lay.model(t), generation=True)
     metrics: dict[str, float] = {"iteration": t}
     val = validation_examples(cfg, lay, policy)
     if val:
         enc = [encode(policy.tokenizer, p, r, C.seq_len(cfg, cfg.model.data.validation_ds)) for p, r in val]
-        metrics["eval/val_loss"] = _val_sft(policy, enc, cfg)()["val/loss"]
+        metrics["eval/val_loss"] = val_sft(policy, enc, cfg)()["val/loss"]
     if use_world(cfg):
         answers = _test_answers(cfg, policy, lay, t)
         write_jsonl(lay.it(t) / "eval_answers.jsonl", answers)
@@ -206,7 +206,7 @@ def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
         metrics.update(_by_family(answers, families, base))
         metrics.update(judge_own_samples(cfg, policy, lay, t))
         rows = read_jsonl(lay.world / "judge_eval.jsonl", R.JUDGE_EVAL, nonempty=True)
-        prompts = [_judge_prompt(cfg, policy, r["prompt"], r["response"]) for r in rows]
+        prompts = [render_judge_prompt(cfg, policy, r["prompt"], r["response"]) for r in rows]
         jouts = generate(policy, prompts, num_samples=1, sampling_params=_greedy(cfg),
                          length_params=spin.length_params, seed_parts=[(cfg.seed, t, "judge_eval", r["id"]) for r in rows],
                          batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"judge eval iter {t}")
@@ -220,12 +220,12 @@ def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
         # what the model thinks of itself, not agreement with any ground truth.
         recs = S.read_sft(validation_file(cfg, lay))
         recs = recs[: max(1, math.ceil(len(recs) * cfg.trainer.self_rewarding.limit_val_batches))]
-        outs = generate(policy, [_render(cfg, policy, r) for r in recs], num_samples=1, sampling_params=_greedy(cfg),
+        outs = generate(policy, [render_prompt(cfg, policy, r) for r in recs], num_samples=1, sampling_params=_greedy(cfg),
                         length_params=spin.length_params,
                         seed_parts=[(cfg.seed, t, "eval", str(r.get("id", i))) for i, r in enumerate(recs)],
                         batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"evaluate iter {t}")
         answers = [o[0] for o in outs]
-        jouts = generate(policy, [_judge_prompt(cfg, policy, S.user_text(r), a["text"]) for r, a in zip(recs, answers)],
+        jouts = generate(policy, [render_judge_prompt(cfg, policy, S.user_text(r), a["text"]) for r, a in zip(recs, answers)],
                          num_samples=1, sampling_params=_greedy(cfg), length_params=spin.length_params,
                          seed_parts=[(cfg.seed, t, "judge_self", i) for i in range(len(recs))],
                          batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"judge_self iter {t}")

@@ -29,7 +29,7 @@ __all__ = ["Layout", "initial_model", "model_before", "prompts_file", "use_sft_b
            "validation_file"]  # re-exported: the paths live in harness.layout
 
 
-def _load(cfg: C.Config, path: Path, *, generation: bool = False):
+def load_stage_policy(cfg: C.Config, path: Path, *, generation: bool = False):
     """The policy at `path`; generation=True (the stage only generates and scores) skips transformers' modeling
     import where LeanLlama covers the checkpoint (generation.lean_model)."""
     from harness.determinism import torch_ready
@@ -49,14 +49,14 @@ def _load(cfg: C.Config, path: Path, *, generation: bool = False):
     return policy
 
 
-def _render(cfg: C.Config, policy, rec_or_turns) -> str:
+def render_prompt(cfg: C.Config, policy, rec_or_turns) -> str:
     return S.render_prompt(rec_or_turns, cfg.model.data, tokenizer=policy.tokenizer)
 
 
-def _judge_prompt(cfg: C.Config, policy, question: str, response: str) -> str:
+def render_judge_prompt(cfg: C.Config, policy, question: str, response: str) -> str:
     from harness.judging.templates import judge_text
 
-    return _render(cfg, policy, [{"from": S.USER, "value": judge_text(question, response, cfg.model.spin)}])
+    return render_prompt(cfg, policy, [{"from": S.USER, "value": judge_text(question, response, cfg.model.spin)}])
 
 
 # ----------------------------------------------------------------------------------------------------- prepare
@@ -103,7 +103,7 @@ def sft_examples(cfg: C.Config, lay: Layout, policy, only: str | None = None
         if only and name != only:
             continue
         rows = [r for r in S.read_sft(path) if S.gold_response(r) is not None]
-        examples += [(_render(cfg, policy, r), S.gold_response(r)) for r in rows]
+        examples += [(render_prompt(cfg, policy, r), S.gold_response(r)) for r in rows]
         counts[f"sft/{name}_examples"] = len(rows)
     if not examples:  # training on nothing would save M0 as M1 and call it done
         files = ", ".join(str(p) for n, p in sft_files(cfg, lay).items() if not only or n == only)
@@ -116,7 +116,7 @@ def validation_examples(cfg: C.Config, lay: Layout, policy) -> list[tuple[str, s
     if path is None:
         return []
     rows = [r for r in S.read_sft(path) if S.gold_response(r) is not None]
-    return [(_render(cfg, policy, r), S.gold_response(r)) for r in rows]
+    return [(render_prompt(cfg, policy, r), S.gold_response(r)) for r in rows]
 
 
 def _summary(history: list[dict]) -> dict:
@@ -137,7 +137,7 @@ def run_sft(cfg: C.Config, lay: Layout, *, baseline: bool = False) -> tuple[dict
     """M0 -> M1 on IFT + EFT (+ MFT); with baseline, M0 -> the SFT baseline on IFT only (same settings)."""
     from harness.train import train_sft
 
-    policy = _load(cfg, initial_model(cfg, lay))
+    policy = load_stage_policy(cfg, initial_model(cfg, lay))
     examples, counts = sft_examples(cfg, lay, policy, only="ift" if baseline else None)
     resume = lay.resume("sft_baseline" if baseline else 0)
     out, stage = (lay.baseline / "model", "sft_baseline") if baseline else (lay.model(0), "sft")
@@ -164,9 +164,9 @@ def run_generate(cfg: C.Config, lay: Layout, t: int) -> dict:
 
     spin = cfg.model.spin
     recs = S.read_sft(prompts_file(cfg, lay, t), nonempty=True)
-    policy = _load(cfg, model_before(cfg, lay, t), generation=True)
+    policy = load_stage_policy(cfg, model_before(cfg, lay, t), generation=True)
     ids = [str(r.get("id", i)) for i, r in enumerate(recs)]
-    prompts = [_render(cfg, policy, r) for r in recs]
+    prompts = [render_prompt(cfg, policy, r) for r in recs]
     stats: dict = {}
     outs = generate(policy, prompts, num_samples=spin.num_responses_to_gen, sampling_params=spin.sampling_params,
                     length_params=spin.length_params, seed_parts=[(cfg.seed, t, "response", i) for i in ids],
@@ -192,7 +192,7 @@ def judge_responses(cfg: C.Config, policy, rows: list[dict], t: int, tag: str = 
     prompts, parts = [], []
     for row in rows:
         for j, r in enumerate(row["responses"]):
-            prompts.append(_judge_prompt(cfg, policy, row["question"], r["text"]))
+            prompts.append(render_judge_prompt(cfg, policy, row["question"], r["text"]))
             parts.append((cfg.seed, t, tag, row["id"], j))
     outs = generate(policy, prompts, num_samples=spin.num_evals_to_average, sampling_params=spin.sampling_params,
                     length_params=spin.length_params, seed_parts=parts, batch_size=spin.rollout_micro_batch_size,
@@ -209,13 +209,13 @@ def run_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
     spin = cfg.model.spin
     rows = read_jsonl(lay.it(t) / "responses.jsonl", R.RESPONSES, nonempty=True)
     stats: dict = {}
-    aggs = judge_responses(cfg, _load(cfg, model_before(cfg, lay, t), generation=True), rows, t, stats=stats)
+    aggs = judge_responses(cfg, load_stage_policy(cfg, model_before(cfg, lay, t), generation=True), rows, t, stats=stats)
     flat = [r for row in rows for r in row["responses"]]
     for r, agg in zip(flat, aggs):
         r.update(agg)
     metrics = {}
     if spin.cream != "none" and t >= 1:
-        prev = judge_responses(cfg, _load(cfg, model_before(cfg, lay, t - 1), generation=True), rows, t,
+        prev = judge_responses(cfg, load_stage_policy(cfg, model_before(cfg, lay, t - 1), generation=True), rows, t,
                                tag="judge_prev", stats={})
         for r, agg in zip(flat, prev):
             r["prev"] = {k: agg[k] for k in ("mean", "var", "num_failed")}
@@ -246,7 +246,7 @@ def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
     from harness.judging.templates import meta_judge_text
 
     rows = read_jsonl(lay.it(t) / "judged.jsonl", R.META_JUDGED, nonempty=True)
-    policy = _load(cfg, model_before(cfg, lay, t), generation=True)
+    policy = load_stage_policy(cfg, model_before(cfg, lay, t), generation=True)
     asks, keys = [], []  # one meta-judge prompt per (prompt, pair, order); results keyed by pair, never by position
     plan = {}
     for row in rows:
@@ -261,7 +261,7 @@ def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
             a, b = strip_score(js[i]["text"], spin.judge_reward_regex), strip_score(js[j]["text"], spin.judge_reward_regex)
             for order, (x, y) in (("ab", (a, b)), ("ba", (b, a))):
                 text = meta_judge_text(row["question"], resp["text"], x, y, spin)
-                asks.append(_render(cfg, policy, [{"from": S.USER, "value": text}]))
+                asks.append(render_prompt(cfg, policy, [{"from": S.USER, "value": text}]))
                 keys.append((row["id"], i, j, order))
     outs = generate(policy, asks, num_samples=1, sampling_params=spin.sampling_params,
                     length_params=spin.length_params, seed_parts=[(cfg.seed, t, "meta", *k) for k in keys],
@@ -292,7 +292,7 @@ def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
         if not quota.accept(js[c]["score"]):
             stats["meta/quota_rejected"] += 1
             continue
-        judge_prompt = _judge_prompt(cfg, policy, row["question"], row["responses"][idx]["text"])
+        judge_prompt = render_judge_prompt(cfg, policy, row["question"], row["responses"][idx]["text"])
         judge_pairs.append({"id": f"{row['id']}-judge", "kind": "judge", "prompt": judge_prompt,
                             "chosen": js[c]["text"], "rejected": js[r]["text"],
                             "chosen_score": js[c]["score"], "rejected_score": js[r]["score"]})
@@ -395,7 +395,7 @@ def run_train(cfg: C.Config, lay: Layout, t: int) -> tuple[dict, list[dict]]:
     pairs_metrics = read_json(lay.it(t) / "pairs_metrics.json")
     if not pairs and cfg.model.spin.require_pairs:
         raise DataError(f"{lay.it(t) / 'pairs.jsonl'}: {no_pairs_warning({'pairs/policy_pairs': 0}, t)}")
-    policy = _load(cfg, model_before(cfg, lay, t))
+    policy = load_stage_policy(cfg, model_before(cfg, lay, t))
     history = []
     if pairs:
         history = train_dpo(policy, pairs, cfg, iteration=t, validation=validation_examples(cfg, lay, policy),

@@ -301,7 +301,7 @@ def _check_finite(phase: str, step: int, total: int, lr: float, values: dict[str
                        "no model was written")
 
 
-def _val_sft(policy, val: list[Encoded], cfg: C.Config) -> Callable:
+def val_sft(policy, val: list[Encoded], cfg: C.Config) -> Callable:
     """Mean token NLL of gold answers on the validation set: val/loss."""
     n = math.ceil(len(val) * cfg.trainer.self_rewarding.limit_val_batches)  # limit_val_batches=0: no validation
 
@@ -354,7 +354,7 @@ def train_sft(policy, examples: list[tuple[str, str]], cfg: C.Config, *, validat
     return _run(policy, len(enc), packed_step if packed else step_fn, cfg, lr=cfg.model.sft.lr,
                 epochs=cfg.model.sft.max_epochs, iteration=iteration,
                 shuffle=cfg.model.data.sft_ds.shuffle, resume_dir=resume_dir,
-                val_fn=_val_sft(policy, val, cfg), phase="sft", micro_batches=rows_of if packed else None,
+                val_fn=val_sft(policy, val, cfg), phase="sft", micro_batches=rows_of if packed else None,
                 key=resume_key(examples, C.to_dict(cfg), iteration, policy.model, packed))
 
 
@@ -466,5 +466,5 @@ def train_dpo(policy, pairs: list[dict], cfg: C.Config, *, iteration: int, valid
 
     return _run(policy, len(pairs), step_fn, cfg, lr=cfg.model.optim.lr, epochs=cfg.trainer.self_rewarding.max_epochs,
                 iteration=iteration, shuffle=cfg.model.data.train_ds.shuffle, resume_dir=resume_dir,
-                val_fn=_val_sft(policy, val, cfg), phase="dpo", key=key,
+                val_fn=val_sft(policy, val, cfg), phase="dpo", key=key,
                 max_steps=cfg.trainer.self_rewarding.max_steps, keep_batches=True)
