@@ -66,10 +66,12 @@ def eval_metrics(cfg: C.Config, t: int) -> set[str]:
     if use_world(cfg):
         out |= {"eval/oracle_reward", "eval/perfect_rate", "eval/response_length", "eval/judge_pairwise_acc",
                 "eval/judge_exact_match", "eval/judge_spearman", "eval/judge_kendall", "eval/judge_parse_failure"}
-        from harness.data.world import FAMILIES
+        from harness.data.world import CHECKS, FAMILIES
 
-        out |= {"eval/judge_own_pairwise_acc", "eval/judge_own_pairs",
-                *(f"eval/{f}/{k}" for f in FAMILIES for k in ("oracle_reward", "judge_own_pairwise_acc"))}
+        out |= {"eval/judge_own_pairwise_acc", "eval/judge_own_pairs", "eval/judge_own_offtopic_acc",
+                *(f"eval/{f}/{k}" for f in FAMILIES for k in ("oracle_reward", "judge_own_pairwise_acc")),
+                *(f"eval/judge_own_echo_acc/{c}" for c in CHECKS if c != "format"),
+                *(f"eval/judge_own_check_acc/{c}" for c in CHECKS)}
         if use_sft_baseline(cfg):
             out.add("eval/win_rate_vs_sft_baseline")
         if t == 0 or cfg.model.spin.first_iteration_sft:
@@ -117,11 +119,12 @@ def _by_family(answers: list[dict], families: dict[str, str], baseline: list[int
 def judge_own_samples(cfg: C.Config, policy, lay: Layout, t) -> dict:
     """The judge on the policy's own samples: N = num_responses_to_gen sampled answers to the first quarter of the
     test prompts (at least 8), each judged once greedily by the same model; pairwise accuracy against the oracle over the pairs it
-    separates (eval/judge_own_pairwise_acc, per family too)."""
+    separates (eval/judge_own_pairwise_acc, per family too), and which of the judge's steps fail
+    (telemetry.checklist_metrics)."""
     from harness.data.world import score_record
     from harness.generation.sampler import generate
     from harness.judging.parse import parse_score
-    from harness.telemetry import own_judge_metrics
+    from harness.telemetry import checklist_metrics, own_judge_metrics
 
     spin = cfg.model.spin
     recs = S.read_sft(lay.world / "test.jsonl")
@@ -139,7 +142,8 @@ def judge_own_samples(cfg: C.Config, policy, lay: Layout, t) -> dict:
     for (r, x), o in zip(flat, jouts):
         s = parse_score(o[0]["text"], spin.judge_score_low, spin.judge_score_high, spin.judge_reward_regex)
         groups.setdefault(r["id"], []).append((s, score_record(r, x)))
-    return own_judge_metrics(groups, {r["id"]: r["meta"]["family"] for r in recs}, "eval/")
+    return (own_judge_metrics(groups, {r["id"]: r["meta"]["family"] for r in recs}, "eval/")
+            | checklist_metrics([(r["meta"], x, o[0]["text"]) for (r, x), o in zip(flat, jouts)], "eval/"))
 
 
 def _test_answers(cfg: C.Config, policy, lay: Layout, t) -> list[dict]:
@@ -250,6 +254,11 @@ ROWS = [
     ("eval/response_length", "policy: mean answer length (tokens)"),
     ("eval/win_rate_vs_m1_se", "policy: standard error of the win rate vs M1"),
     ("eval/judge_own_pairwise_acc", "judge: pairwise accuracy on its own samples"),
+    ("eval/judge_own_offtopic_acc", "judge steps (own samples): off topic called as the oracle does"),
+    *((f"eval/judge_own_echo_acc/{c}", f"judge steps (own samples): {c}, asked value read right")
+      for c in ("kind", "count", "case", "open")),
+    *((f"eval/judge_own_check_acc/{c}", f"judge steps (own samples): {c}, yes/no right")
+      for c in ("kind", "count", "case", "open", "format")),
     ("eval/judge_pairwise_acc", "judge: pairwise accuracy vs oracle (designed responses)"),
     ("eval/judge_exact_match", "judge: exact-match rate"),
     ("eval/judge_spearman", "judge: Spearman vs oracle"),

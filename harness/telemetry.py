@@ -69,3 +69,37 @@ def own_judge_metrics(groups: dict[str, list[tuple[float | None, float]]], famil
         acc, n = own_pairwise_acc({k: g for k, g in groups.items() if families[k] == fam})
         out[f"{prefix}{fam}/judge_own_pairwise_acc"] = acc
     return out
+
+
+def checklist_metrics(items: list[tuple[dict, str, str]], prefix: str) -> dict[str, float]:
+    """Where the judge goes wrong, step by step, on (task meta, response, judgement text) items, against the oracle:
+
+    <prefix>judge_own_offtopic_acc      it calls a response off topic exactly when the oracle does
+    <prefix>judge_own_echo_acc/<check>  the value it compares with is the prompt's (kind, count, case, open)
+    <prefix>judge_own_check_acc/<check> its yes/no is the oracle's, on responses the oracle grades on topic
+
+    A pairwise accuracy near 1/2 says the judge fails; these say whether it fails to read the prompt (echo) or to
+    compare the response with what it read (check). NaN where no judgement holds the step.
+    """
+    from harness.data.world import CHECKS, grade, read_checklist
+
+    def mean(xs: list[bool]) -> float:
+        return sum(xs) / len(xs) if xs else math.nan
+
+    gate, echo, check = [], defaultdict(list), defaultdict(list)
+    for meta, response, text in items:
+        truth = grade(meta, response).checks
+        said = read_checklist(meta, text)
+        gate.append((said is None) == (truth == ()))
+        if said is None:
+            continue
+        for c, ok in zip(CHECKS, truth or (None,) * len(CHECKS)):
+            verdict, echoed = said[c]
+            if echoed is not None:
+                echo[c].append(echoed)
+            if verdict is not None and ok is not None:
+                check[c].append(verdict == ok)
+    out = {f"{prefix}judge_own_offtopic_acc": mean(gate)}
+    out |= {f"{prefix}judge_own_echo_acc/{c}": mean(echo[c]) for c in CHECKS if c != "format"}
+    out |= {f"{prefix}judge_own_check_acc/{c}": mean(check[c]) for c in CHECKS}
+    return out

@@ -125,3 +125,44 @@ def test_pair_quality_and_own_accuracy_edge_cases():
     acc, n = own_pairwise_acc({"x": [(None, 3), (2.0, 1)], "y": [(1.0, 2), (1.0, 0), (1.0, 2)]})
     assert n == 3 and acc == pytest.approx((0 + 0.5 + 0.5) / 3)  # unparsed counts wrong, a judge tie 1/2
     assert math.isnan(own_pairwise_acc({"z": [(1.0, 2), (3.0, 2)]})[0])
+
+
+def test_checklist_metrics_say_which_judge_step_fails():
+    """Four hand-written judgements of responses to one task (2 animals, lowercase, open '>', commas, end '.'):
+
+        response        oracle checks (kind count case open format)   judgement
+        "> cat, owl."   all yes (5)                                   reads every value right, all yes: 5 of 5 right
+        "cat, owl"      yes yes yes no no (3)                         reads open as '#' (echo wrong), says open yes
+                                                                      (wrong) and format no (right): 4 of 5 right
+        "hello"         off topic (0)                                 "No animals." (off topic, right)
+        "> CAT, owl."   yes yes no yes yes (4)                        "No animals." (off topic, wrong)
+
+    offtopic: 3 of 4 right. Echo: open 1 of 2 (the two checklists), the others 2 of 2. Check: open 1 of 2, the
+    others 2 of 2; the two off-topic calls give no step.
+    """
+    from harness.telemetry import checklist_metrics
+
+    meta = {"family": "animals", "k": 2, "case": "lowercase", "open": ">", "sep": "commas", "end": ".", "offset": 0}
+    items = [
+        (meta, "> cat, owl.", "kind animals yes 1, count 2 yes 2, case lowercase yes 3, open > yes 4, format yes 5\n"
+                              "Score: 5"),
+        (meta, "cat, owl", "kind animals yes 1, count 2 yes 2, case lowercase yes 3, open # yes 4, format no 4\n"
+                           "Score: 4"),
+        (meta, "hello", "No animals.\nScore: 0"),
+        (meta, "> CAT, owl.", "No animals.\nScore: 0"),
+    ]
+    assert [W.oracle_score(meta, r) for _, r, _ in items] == [5, 3, 0, 4]
+    m = checklist_metrics(items, "eval/")
+    assert m["eval/judge_own_offtopic_acc"] == pytest.approx(3 / 4)
+    assert m["eval/judge_own_echo_acc/open"] == pytest.approx(1 / 2)
+    assert m["eval/judge_own_check_acc/open"] == pytest.approx(1 / 2)
+    for c in ("kind", "count", "case"):
+        assert m[f"eval/judge_own_echo_acc/{c}"] == 1.0 and m[f"eval/judge_own_check_acc/{c}"] == 1.0
+    assert m["eval/judge_own_check_acc/format"] == 1.0 and "eval/judge_own_echo_acc/format" not in m
+    # the oracle's own judgement reads right at every step; text in no checklist format gives no step at all
+    assert W.read_checklist(meta, W.judgement(meta, "cat, owl")) == {
+        "kind": (True, True), "count": (True, True), "case": (True, True), "open": (False, True),
+        "format": (False, None)}
+    empty = checklist_metrics([(meta, "> cat, owl.", "Score: 5")], "eval/")
+    assert empty["eval/judge_own_offtopic_acc"] == 1.0
+    assert all(math.isnan(v) for k, v in empty.items() if k != "eval/judge_own_offtopic_acc")

@@ -233,6 +233,31 @@ def grade(task_or_meta: Task | dict, response: str) -> Grade:
     return Grade(total, ", ".join(parts), ok)
 
 
+def read_checklist(task_or_meta: Task | dict, judgement_text: str) -> dict[str, tuple[bool | None, bool | None]] | None:
+    """What a judgement written in the oracle's checklist format says, check by check: {check: (verdict, echo)},
+    verdict = its yes/no, echo = whether the value it compared with is the prompt's (None for `format`, which echoes
+    nothing, and for a check it left out). None when it calls the response off topic ("No animals.").
+
+    The judge's steps are read one by one, so telemetry can say which step fails: copying the asked value from the
+    prompt (echo) or comparing the response with it (verdict).
+    """
+    meta = _meta(task_or_meta)
+    text = judgement_text.strip()
+    if text.startswith("No "):
+        return None
+    asked = {"kind": _PHRASE.get(meta["family"], meta["family"]), "count": str(meta["k"]), "case": meta["case"],
+             "open": meta["open"]}
+    out: dict[str, tuple[bool | None, bool | None]] = {}
+    for check in CHECKS:
+        if check == "format":
+            m = re.search(r"\bformat (yes|no)\b", text)
+            out[check] = (m.group(1) == "yes", None) if m else (None, None)
+        else:
+            m = re.search(rf"\b{check} (.+?) (yes|no)\b", text)
+            out[check] = (m.group(2) == "yes", m.group(1) == asked[check]) if m else (None, None)
+    return out
+
+
 def oracle_score(task_or_meta: Task | dict, response: str) -> int:
     return grade(task_or_meta, response).score
 
