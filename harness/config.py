@@ -329,7 +329,8 @@ def _number_aware_yaml(obj: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------- building
-def _closest(path: str, candidates: list[str]) -> str:
+def closest(path: str, candidates: list[str]) -> str:
+    """The error-message tail naming the valid key nearest to `path` ("" when none is near); sweep specs use it too."""
     best = difflib.get_close_matches(path, candidates, n=1, cutoff=0.4)
     return f"; closest valid key: {best[0]}" if best else ""
 
@@ -413,7 +414,7 @@ def _build(cls: type, data: dict, prefix: str, ignored: list[str]) -> Any:
             leaves = list(flatten(value, path + ".")) if isinstance(value, dict) and value else [path]
             bad = [leaf for leaf in leaves if not _is_launcher_only(leaf)]
             if bad:
-                raise ConfigError(f"unknown config key {bad[0]}{_closest(bad[0], all_keys())}")
+                raise ConfigError(f"unknown config key {bad[0]}{closest(bad[0], all_keys())}")
             ignored.extend(leaves)
             continue
         tp = hints[key]
@@ -464,7 +465,7 @@ def load(path: str | Path | None = None, overrides: list[str] = (), *, warn=prin
     for text in overrides:
         op, key, value = parse_override(text)
         if op == "" and key not in valid and not _is_launcher_only(key) and not _is_prefix(key, valid):
-            raise ConfigError(f"unknown config key {key} in override {text!r}{_closest(key, sorted(valid))}")
+            raise ConfigError(f"unknown config key {key} in override {text!r}{closest(key, sorted(valid))}")
         _set(tree, key, value, op)
         if op == "~":
             deleted[key] = text

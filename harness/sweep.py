@@ -145,7 +145,7 @@ class Mlflow:
         run = self.client.create_run(self.exp_id, run_name=name, tags={
             tracking.PARENT_TAG: key, "mlflow.parentRunId": self.study_run, "optuna.trial_number": str(number),
             "optuna.state": "RUNNING", "optuna.params": json.dumps(sampled)})
-        tracking._log_params(self.client, run.info.run_id, cfg)
+        tracking.log_params(self.client, run.info.run_id, cfg)
         return run.info.run_id
 
     def log_eval(self, run_id: str | None, t: int, metrics: dict) -> None:

@@ -146,7 +146,7 @@ def load_space(path: str | Path, base: str | None, overrides: list[str] = ()) ->
     for key, spec in params.items():
         where = f"params.{key}"
         if key not in valid:
-            raise _err(p, where, f"unknown config key; did you mean {C._closest(key, sorted(valid))}?")
+            raise _err(p, where, f"unknown config key; did you mean {C.closest(key, sorted(valid))}?")
         if not isinstance(spec, dict):
             raise _err(p, where, "expected a mapping like {type: float, low: 0.01, high: 0.5}")
         allowed = {"type", "low", "high", "log", "step", "choices", "template"}
@@ -210,7 +210,7 @@ def _check_objective(space: Space, cfg: C.Config) -> None:
         names = eval_metrics(cfg, t)
         if metric not in names:
             raise _err(space.path, "objective.metric", f"{metric!r} is not written by `harness evaluate` at iteration "
-                       f"{t} for this config{C._closest(metric, sorted(names))} (it writes: {', '.join(sorted(names))})")
+                       f"{t} for this config{C.closest(metric, sorted(names))} (it writes: {', '.join(sorted(names))})")
 
 
 def _check_args(path: str, what: str, spec: dict, build) -> None:

@@ -169,7 +169,7 @@ def _attach(cfg: C.Config, stage: str, iteration: int | None) -> tuple[Tracker, 
     parent_id, created = _find_or_create(client, exp_id, f"tags.`{PARENT_TAG}` = '{key}'",
                                          {PARENT_TAG: key}, cfg.exp_manager.name)
     if created:
-        _log_params(client, parent_id, cfg)
+        log_params(client, parent_id, cfg)
     run_id = parent_id
     if iteration is not None:
         run_id, created_child = _find_or_create(
@@ -177,7 +177,7 @@ def _attach(cfg: C.Config, stage: str, iteration: int | None) -> tuple[Tracker, 
             {ITER_TAG: str(iteration), "mlflow.parentRunId": parent_id},
             f"iteration-{iteration}")
         if created_child:
-            _log_params(client, run_id, cfg)
+            log_params(client, run_id, cfg)
     tracker = Tracker(client, run_id, parent_id)
     tracker.set_tags({"harness.last_stage": stage, "dvc_experiment": os.environ.get("DVC_EXP_NAME", "workspace")},
                      parent=True)
@@ -213,7 +213,8 @@ def stage_run(cfg: C.Config, stage: str, iteration: int | None = None, *, finish
             tracker.client.set_terminated(parent_id, "FINISHED")
 
 
-def _log_params(client, run_id: str, cfg: C.Config) -> None:
+def log_params(client, run_id: str, cfg: C.Config) -> None:
+    """Every config key as an MLflow param, plus git, params_hash and environment tags (sweep trials use it too)."""
     from mlflow.entities import Param
 
     from harness.determinism import fingerprint
