@@ -361,7 +361,6 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             return _coerce(path, value, float)
         if isinstance(value, list) and any(typing.get_origin(a) is list for a in typing.get_args(tp)):
             return _coerce(path, value, next(a for a in typing.get_args(tp) if typing.get_origin(a) is list))
-        errors = []
         for arm in typing.get_args(tp):
             if arm is type(None):
                 if value is None:
@@ -369,8 +368,8 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
                 continue
             try:
                 return _coerce(path, value, arm)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin is list:
         if not isinstance(value, list):
