@@ -70,10 +70,11 @@ def file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _storage_url(space: Space, repo: Path) -> str:
-    url = space.storage
+def project_sqlite(url: str, repo: Path) -> str:
+    """A relative sqlite URL (sqlite:///x.db) made absolute under the project, not the cwd: every worker and every
+    trial worktree then opens the same file. Other URLs are returned as they are."""
     if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        url = f"sqlite:///{(repo / url[len('sqlite:///'):]).resolve()}"  # relative to the project, not the cwd
+        return f"sqlite:///{(repo / url[len('sqlite:///'):]).resolve()}"
     return url
 
 
@@ -113,9 +114,7 @@ class Mlflow:
         from harness import tracking
 
         self.enabled = cfg.tracking.enabled
-        uri = tracking.tracking_uri(cfg)
-        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            uri = f"sqlite:///{(repo / uri[len('sqlite:///'):]).resolve()}"
+        uri = project_sqlite(tracking.tracking_uri(cfg), repo)
         self.uri, self.client, self.study_run = uri, None, None
         if not self.enabled:
             return
@@ -294,7 +293,7 @@ def sweep(space_file: str, base: str | None, overrides: list[str] = (), *, n_tri
     space.metric, space.direction = space.objective(cfg)
     repo = _repo_root(cwd or Path.cwd())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = _storage_url(space, repo)
+    url = project_sqlite(space.storage, repo)
     lock = _lock_path(url, repo)
     with file_lock(lock):  # two workers starting together would both create the schema
         kw = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
