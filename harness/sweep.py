@@ -15,7 +15,9 @@ to it through HARNESS_PIPELINE_KEY, so their iteration runs nest under it), with
 objective, the Optuna state (COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED) and the DVC experiment name.
 
 Workers: trials are asked under a file lock (next to a sqlite storage), so workers on one machine never run more than
-n_trials; on a shared RDB across machines the count can overshoot by at most one trial per extra worker.
+n_trials; on a shared RDB across machines the count can overshoot by at most one trial per extra worker. A running
+trial records Optuna's RDB heartbeat; a worker that starts fails the trials whose heartbeat stopped (their worker
+died, on any machine) with `optuna.storages.fail_stale_trials`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from pathlib import Path
 
 from harness import config as C
 from harness.sweep_space import Space, SweepError, load_space, make_pruner, make_sampler, override
+
+HEARTBEAT_INTERVAL_S = 60  # a running trial's heartbeat period
+GRACE_PERIOD_S = 180  # no heartbeat for this long: the trial's worker is dead
 
 
 class TrialFailed(RuntimeError):
@@ -108,7 +113,10 @@ def _cache_dir(repo: Path) -> str:
 
 # ----------------------------------------------------------------------------------------------------- mlflow
 class Mlflow:
-    """The study's parent run and one child run per trial (None-safe when tracking is off)."""
+    """The study's parent run and one child run per trial (None-safe when tracking is off).
+
+    Not optuna_integration.MLflowCallback: it creates a trial's run after the trial ends, while here the trial run
+    exists from the start so the pipeline's stage runs nest under it."""
 
     def __init__(self, cfg: C.Config, space: Space, storage_url: str, repo: Path):
         from harness import tracking
@@ -258,25 +266,25 @@ def run_trial(ctx: Context, trial) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------- study
-def _fail_dead_trials(study) -> None:
-    """Trials left RUNNING by a killed worker on this host are marked FAIL (they would count toward n_trials)."""
-    import optuna
+@contextlib.contextmanager
+def heartbeat(storage, trial_id: int):
+    """Records the trial's RDB heartbeat every HEARTBEAT_INTERVAL_S while the block runs (Study.optimize does this
+    itself; the sweep asks and tells under a file lock to cap n_trials, so it keeps the heartbeat here)."""
+    stop = threading.Event()
 
-    host = socket.gethostname()
-    for tr in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        h, _, pid = str(tr.user_attrs.get("host_pid", "")).partition(":")
-        if h == host and pid.isdigit() and not _alive(int(pid)):
-            study._storage.set_trial_state_values(tr._trial_id, optuna.trial.TrialState.FAIL)
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(storage.get_heartbeat_interval()):
+                return
 
-
-def _alive(pid: int) -> bool:
+    th = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    th.start()
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        yield
+    finally:
+        stop.set()
+        th.join()
 
 
 def sweep(space_file: str, base: str | None, overrides: list[str] = (), *, n_trials: int | None = None,
@@ -297,8 +305,9 @@ def sweep(space_file: str, base: str | None, overrides: list[str] = (), *, n_tri
     lock = _lock_path(url, repo)
     with file_lock(lock):  # two workers starting together would both create the schema
         kw = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        study = optuna.create_study(study_name=space.study_name,
-                                    storage=optuna.storages.RDBStorage(url, engine_kwargs=kw),
+        rdb = optuna.storages.RDBStorage(url, engine_kwargs=kw, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                                         grace_period=GRACE_PERIOD_S)
+        study = optuna.create_study(study_name=space.study_name, storage=rdb,
                                     direction=space.direction, sampler=make_sampler(space, worker_index),
                                     pruner=make_pruner(space), load_if_exists=True)
     if study.direction.name.lower() != space.direction:
@@ -307,7 +316,8 @@ def sweep(space_file: str, base: str | None, overrides: list[str] = (), *, n_tri
     study.set_user_attr("objective", space.metric)
     ctx = Context(repo=repo, space=space, base=base, cache_dir=_cache_dir(repo), metric=space.metric,
                   direction=space.direction, mlflow=Mlflow(cfg, space, url, repo), keep_worktrees=keep_worktrees)
-    _fail_dead_trials(study)
+    with _quiet_experimental():  # trials of dead workers would count toward n_trials
+        optuna.storages.fail_stale_trials(study)
     deadline = time.monotonic() + space.timeout if space.timeout else None
     print(f"[sweep {space.study_name}] {url}: {space.n_trials} trials, {space.n_jobs} at a time, objective "
           f"{space.metric} ({space.direction})", flush=True)
@@ -317,9 +327,12 @@ def sweep(space_file: str, base: str | None, overrides: list[str] = (), *, n_tri
             with file_lock(lock):  # count and ask atomically: never more than n_trials
                 if len(study.get_trials(deepcopy=False)) >= space.n_trials:
                     return
-                trial = study.ask()
+                with _quiet_experimental():  # "heartbeat is supposed to be used with Study.optimize": kept below
+                    trial = study.ask()
             try:
-                study.tell(trial, run_trial(ctx, trial))
+                with heartbeat(rdb, trial._trial_id):
+                    value = run_trial(ctx, trial)
+                study.tell(trial, value)
             except optuna.TrialPruned:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             except Exception as e:  # a failed trial is recorded and the study goes on
