@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness import config as C
+from harness import config
 from harness.io import DataError, stage_outputs
 from harness.timing import CLOCK
 
@@ -20,13 +20,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="NeMo/Hydra overrides: key=value, +key=value, ++key=value")
 
 
-def load_config(args) -> C.Config:
+def load_config(args) -> config.Config:
     path = None if args.config in ("none", "") else args.config
-    return C.load(path, args.overrides, warn=lambda m: print(m, file=sys.stderr))
+    return config.load(path, args.overrides, warn=lambda m: print(m, file=sys.stderr))
 
 
 def cmd_config_show(args) -> int:
-    print(C.dump(load_config(args)), end="")
+    print(config.dump(load_config(args)), end="")
     return 0
 
 
@@ -37,7 +37,7 @@ def cmd_config_keys(args) -> int:
     return 0
 
 
-def _setup(args) -> tuple[C.Config, object]:
+def _setup(args) -> tuple[config.Config, object]:
     import random
 
     import harness.determinism  # noqa: F401 - sets the NVTE_*/CUBLAS flags before any model import
@@ -54,7 +54,7 @@ def _setup(args) -> tuple[C.Config, object]:
     return cfg, Layout(Path(args.root) if args.root else log_dir(cfg))
 
 
-def _torch(cfg: C.Config) -> None:
+def _torch(cfg: config.Config) -> None:
     """torch's import, threads, seeds and device (harness.parallel), counted as model loading: stages without a model
     skip it."""
     from harness.determinism import torch_ready
@@ -66,12 +66,12 @@ def _torch(cfg: C.Config) -> None:
         parallel.setup(cfg)
 
 
-def _iteration(cfg: C.Config, t: int, *, sft: bool = False) -> int:
+def _iteration(cfg: config.Config, t: int, *, sft: bool = False) -> int:
     n = cfg.trainer.self_rewarding.max_iterations
     if not 0 <= t < n:
-        raise C.ConfigError(f"--iteration {t}: trainer.self_rewarding.max_iterations={n} allows 0..{n - 1}")
+        raise config.ConfigError(f"--iteration {t}: trainer.self_rewarding.max_iterations={n} allows 0..{n - 1}")
     if not sft and t == 0 and cfg.model.spin.first_iteration_sft:
-        raise C.ConfigError("--iteration 0 is the SFT iteration (model.spin.first_iteration_sft=true): run `harness sft`")
+        raise config.ConfigError("--iteration 0 is the SFT iteration (model.spin.first_iteration_sft=true): run `harness sft`")
     return t
 
 
@@ -101,7 +101,7 @@ def cmd_sft(args) -> int:
 
     cfg, lay = _setup(args)
     if not cfg.model.spin.first_iteration_sft:
-        raise C.ConfigError("harness sft runs iteration 0 only with model.spin.first_iteration_sft=true")
+        raise config.ConfigError("harness sft runs iteration 0 only with model.spin.first_iteration_sft=true")
     with tracking.stage_run(cfg, "sft", 0) as tr:
         CLOCK.stage_begins()
         _torch(cfg)
@@ -126,7 +126,7 @@ def cmd_sft_baseline(args) -> int:
 
     cfg, lay = _setup(args)
     if not stages.use_sft_baseline(cfg):
-        raise C.ConfigError("harness sft_baseline needs the task world, model.spin.first_iteration_sft=true and "
+        raise config.ConfigError("harness sft_baseline needs the task world, model.spin.first_iteration_sft=true and "
                             "model.sft.baseline=true")
     with tracking.stage_run(cfg, "sft_baseline") as tr:
         CLOCK.stage_begins()
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (C.ConfigError, DataError) as e:
+    except (config.ConfigError, DataError) as e:
         print(f"harness: error: {e}", file=sys.stderr)
         return 2
 

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import config as C
+from harness import config
 from harness.sweep_space import Space, SweepError, load_space, make_pruner, make_sampler, override
 
 HEARTBEAT_INTERVAL_S = 60  # a running trial's heartbeat period
@@ -118,7 +118,7 @@ class Mlflow:
     Not optuna_integration.MLflowCallback: it creates a trial's run after the trial ends, while here the trial run
     exists from the start so the pipeline's stage runs nest under it."""
 
-    def __init__(self, cfg: C.Config, space: Space, storage_url: str, repo: Path):
+    def __init__(self, cfg: config.Config, space: Space, storage_url: str, repo: Path):
         from harness import tracking
 
         self.enabled = cfg.tracking.enabled
@@ -144,7 +144,7 @@ class Mlflow:
                 self.client.log_artifact(self.study_run, space.path, "sweep")
         self.client.set_tag(self.study_run, "optuna.objective", f"{space.metric} ({space.direction})")
 
-    def trial_run(self, key: str, name: str, cfg: C.Config, number: int, sampled: dict) -> str | None:
+    def trial_run(self, key: str, name: str, cfg: config.Config, number: int, sampled: dict) -> str | None:
         if not self.enabled:
             return None
         from harness import tracking
@@ -200,7 +200,7 @@ def run_trial(ctx: Context, trial) -> float:
 
     sp = ctx.space
     sampled = {p.key: p.suggest(trial) for p in sp.params}
-    cfg = C.load(ctx.base, [*sp.overrides, *(override(k, v) for k, v in sampled.items())], warn=None)
+    cfg = config.load(ctx.base, [*sp.overrides, *(override(k, v) for k, v in sampled.items())], warn=None)
     name = f"{sp.study_name}-t{trial.number}"
     wt = ctx.repo / ".sweep" / sp.study_name / f"t{trial.number}"
     log = ctx.repo / ".sweep" / sp.study_name / f"t{trial.number}.log"
@@ -219,12 +219,12 @@ def run_trial(ctx: Context, trial) -> float:
             _sh(["git", "worktree", "add", "-q", "--detach", str(wt), "HEAD"], ctx.repo)
         from harness import pipeline
 
-        (wt / "params.yaml").write_text(C.dump(cfg), encoding="utf-8")
+        (wt / "params.yaml").write_text(config.dump(cfg), encoding="utf-8")
         (wt / "dvc.yaml").write_text(pipeline.render(cfg), encoding="utf-8")
         dvc = _bin("dvc")
         _sh([dvc, "cache", "dir", "--local", ctx.cache_dir], wt)
         root = wt / (cfg.exp_manager.explicit_log_dir or "runs")
-        iters = C.self_rewarding_iterations(cfg)
+        iters = config.self_rewarding_iterations(cfg)
         target = iters[-1] if sp.iteration is None else sp.iteration
         if target not in iters:
             raise TrialFailed(f"objective.iteration={target} is not a self-rewarding iteration ({iters})")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import config as C
+from harness import config
 from harness.sweep import load_space, override
 from tests.conftest import ROOT, env, make_project, run
 
@@ -187,8 +187,8 @@ def test_example_space_file_is_valid_for_the_default():
                                         ("model.spin.length_control", [0, 0, 0.1234567890123, 0.3]),
                                         ("model.spin.preference_average_log_probs", True), ("seed", 7)])
 def test_override_round_trips_exactly(key, value):
-    cfg = C.load(str(ROOT / "params.yaml"), [override(key, value)], warn=None)
-    assert C.get(cfg, key) == value
+    cfg = config.load(str(ROOT / "params.yaml"), [override(key, value)], warn=None)
+    assert config.get(cfg, key) == value
 
 
 @pytest.mark.filterwarnings("ignore")  # experimental API; "heartbeat is supposed to be used with Study.optimize"
