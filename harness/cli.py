@@ -96,7 +96,6 @@ def cmd_prepare(args) -> int:
 
 def cmd_sft(args) -> int:
     from harness import stages, tracking
-    from harness.io import write_json, write_jsonl
     from harness.layout import sft_files
 
     cfg, lay = _setup(args)
@@ -107,8 +106,6 @@ def cmd_sft(args) -> int:
         _torch(cfg)
         with stage_outputs(lay.it(0)):
             summary, history = stages.run_sft(cfg, lay)
-            write_jsonl(lay.it(0) / "train_history.jsonl", history)
-            write_json(lay.it(0) / "train_metrics.json", summary)
         if tr:
             tr.log_history(history)
             tr.log_metrics(summary, step=0)
@@ -122,7 +119,6 @@ def cmd_sft(args) -> int:
 def cmd_sft_baseline(args) -> int:
     from harness import stages, tracking
     from harness.evaluate import run_evaluate_baseline
-    from harness.io import write_json, write_jsonl
 
     cfg, lay = _setup(args)
     if not stages.use_sft_baseline(cfg):
@@ -133,8 +129,6 @@ def cmd_sft_baseline(args) -> int:
         _torch(cfg)
         with stage_outputs(lay.baseline):
             summary, history = stages.run_sft(cfg, lay, baseline=True)
-            write_jsonl(lay.baseline / "train_history.jsonl", history)
-            write_json(lay.baseline / "train_metrics.json", summary)
             metrics = run_evaluate_baseline(cfg, lay)
         if tr:
             tr.log_metrics({f"sft_baseline/{k.split('/')[-1]}": v for k, v in {**summary, **metrics}.items()},
@@ -144,13 +138,20 @@ def cmd_sft_baseline(args) -> int:
     return 0
 
 
+def iteration_stages() -> dict:
+    """Each iteration stage's one home: a function (cfg, lay, t) that does the stage's whole job, its files included,
+    and returns its metrics (train: (metrics, history))."""
+    from harness import evaluate, stages
+
+    return {"generate": stages.run_generate, "judge": stages.run_judge, "meta_judge": stages.run_meta_judge,
+            "pairs": stages.run_pairs, "train": stages.run_train, "evaluate": evaluate.run_evaluate}
+
+
 def _stage(name: str):
-    """generate / judge / meta_judge / pairs / train / evaluate for one iteration."""
+    """`harness <name> --iteration t`: set up, run the stage's function under MLflow and the timer, log its metrics."""
 
     def cmd(args) -> int:
         from harness import stages, tracking
-        from harness.io import write_json, write_jsonl
-        from harness.layout import prompts_file
 
         cfg, lay = _setup(args)
         t = _iteration(cfg, args.iteration, sft=name == "evaluate")
@@ -159,35 +160,21 @@ def _stage(name: str):
             if name != "pairs" and (name != "meta_judge" or cfg.model.spin.use_meta_judge):
                 _torch(cfg)
             with stage_outputs(lay.it(t)):  # all of the stage's outputs, or (on any error) none of them
-                history = []
-                if name == "train":
-                    metrics, history = stages.run_train(cfg, lay, t)
-                    write_jsonl(lay.it(t) / "train_history.jsonl", history)
-                    write_json(lay.it(t) / "train_metrics.json", metrics)
-                elif name == "evaluate":
-                    from harness.evaluate import run_evaluate
-
-                    metrics = run_evaluate(cfg, lay, t)
-                else:
-                    metrics = getattr(stages, f"run_{name}")(cfg, lay, t)
-                    if name != "pairs":
-                        write_json(lay.it(t) / f"{name}_metrics.json", metrics)
+                out = iteration_stages()[name](cfg, lay, t)
+            metrics, history = out if isinstance(out, tuple) else (out, [])
             warning = stages.no_pairs_warning(metrics, t) if name in ("pairs", "train") else None
             if warning:
                 print(f"harness: WARNING: {warning}", file=sys.stderr)
             if tr:
                 tr.log_history(history)
                 _tag_resume(tr, history)
-                if name == "evaluate":
+                if name == "evaluate":  # the run's headline numbers: on the pipeline run too
                     tr.log_metrics(metrics, step=t, parent=True)
                 tr.log_metrics(metrics, step=t)
                 if warning:
                     tr.set_tags({"harness.warning": warning})
                     tr.set_tags({f"harness.warning.iter{t}": warning}, parent=True)
-                if name == "pairs":
-                    _log_pairs_table(tr, lay.it(t) / "pairs.jsonl")
-                if name == "generate":
-                    tr.log_dataset(prompts_file(cfg, lay, t), f"prompts/iter{t}", "prompts")
+                _MLFLOW_EXTRAS.get(name, lambda *a: None)(tr, cfg, lay, t)
         _done(lay, name, t, metrics, tr)
         return 0
 
@@ -213,12 +200,21 @@ def _tag_resume(tr, history) -> None:
         tr.set_tags({"harness.resumed": note})
 
 
-def _log_pairs_table(tr, path: Path, n: int = 32) -> None:
+def _log_pairs_table(tr, cfg, lay, t: int, n: int = 32) -> None:
     from harness.io import read_jsonl
 
-    rows = read_jsonl(path)[:n]
+    rows = read_jsonl(lay.it(t) / "pairs.jsonl")[:n]
     tr.log_table({k: [str(r[k]) for r in rows] for k in ("kind", "prompt", "chosen", "rejected", "chosen_score",
                                                         "rejected_score")}, "pairs_sample.json")
+
+
+def _log_prompts(tr, cfg, lay, t: int) -> None:
+    from harness.layout import prompts_file
+
+    tr.log_dataset(prompts_file(cfg, lay, t), f"prompts/iter{t}", "prompts")
+
+
+_MLFLOW_EXTRAS = {"pairs": _log_pairs_table, "generate": _log_prompts}  # what a stage logs beyond its metrics
 
 
 def cmd_report(args) -> int:

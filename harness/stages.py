@@ -134,7 +134,8 @@ def _summary(history: list[dict]) -> dict:
 
 
 def run_sft(cfg: config.Config, lay: Layout, *, baseline: bool = False) -> tuple[dict, list[dict]]:
-    """M0 -> M1 on IFT + EFT (+ MFT); with baseline, M0 -> the SFT baseline on IFT only (same settings)."""
+    """M0 -> M1 on IFT + EFT (+ MFT); with baseline, M0 -> the SFT baseline on IFT only (same settings). Writes the
+    model, train_history.jsonl and train_metrics.json (iter0/, or sft_baseline/)."""
     from harness.train import train_sft
 
     policy = load_stage_policy(cfg, initial_model(cfg, lay))
@@ -145,7 +146,20 @@ def run_sft(cfg: config.Config, lay: Layout, *, baseline: bool = False) -> tuple
                         resume_dir=resume)
     policy.save(out, stage_config(cfg, stage))
     _clear_resume(resume)
-    return {**counts, **_summary(history)}, history
+    return write_training(out.parent, {**counts, **_summary(history)}, history)
+
+
+def write_training(d: Path, summary: dict, history: list[dict]) -> tuple[dict, list[dict]]:
+    """A training stage's train_history.jsonl and train_metrics.json in `d`; returns (summary, history)."""
+    write_jsonl(d / "train_history.jsonl", history)
+    write_json(d / "train_metrics.json", summary)
+    return summary, history
+
+
+def write_metrics(lay: Layout, t: int, stage: str, metrics: dict) -> dict:
+    """iter<t>/<stage>_metrics.json (generate, judge, meta_judge, pairs); returns `metrics`."""
+    write_json(lay.it(t) / f"{stage}_metrics.json", metrics)
+    return metrics
 
 
 def _clear_resume(resume_dir: Path) -> None:
@@ -159,7 +173,7 @@ def _clear_resume(resume_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------------- generate
 def run_generate(cfg: config.Config, lay: Layout, t: int) -> dict:
-    """N = num_responses_to_gen sampled responses per prompt from M_t."""
+    """N = num_responses_to_gen sampled responses per prompt from M_t: responses.jsonl, generate_metrics.json."""
     from harness.generation.sampler import generate
 
     spin = cfg.model.spin
@@ -175,9 +189,10 @@ def run_generate(cfg: config.Config, lay: Layout, t: int) -> dict:
             for i, p, r, o in zip(ids, prompts, recs, outs)]
     write_jsonl(lay.it(t) / "responses.jsonl", rows)
     resp = [x for o in outs for x in o]
-    return {"generate/responses": len(resp), "generate/mean_tokens": sum(x["num_tokens"] for x in resp) / len(resp),
-            "generate/is_end_rate": sum(x["is_end"] for x in resp) / len(resp),
-            "generate/truncated_prompts": stats["truncated_prompts"]}
+    return write_metrics(lay, t, "generate", {
+        "generate/responses": len(resp), "generate/mean_tokens": sum(x["num_tokens"] for x in resp) / len(resp),
+        "generate/is_end_rate": sum(x["is_end"] for x in resp) / len(resp),
+        "generate/truncated_prompts": stats["truncated_prompts"]})
 
 
 # ----------------------------------------------------------------------------------------------------- judge
@@ -205,6 +220,7 @@ def run_judge(cfg: config.Config, lay: Layout, t: int) -> dict:
     """k = num_evals_to_average judge samples per response, by M_t itself; mean and variance of valid scores.
 
     With CREAM (model.spin.cream), the previous model M_{t-1} judges the same responses too (each response's "prev").
+    Writes judged.jsonl and judge_metrics.json.
     """
     spin = cfg.model.spin
     rows = read_jsonl(lay.it(t) / "responses.jsonl", RESPONSES, nonempty=True)
@@ -224,22 +240,24 @@ def run_judge(cfg: config.Config, lay: Layout, t: int) -> dict:
     write_jsonl(lay.it(t) / "judged.jsonl", rows)
     means = [a["mean"] for a in aggs if a["mean"] is not None]
     failed = sum(a["num_failed"] for a in aggs)
-    return {"judge/parse_failure_rate": failed / max(len(aggs) * spin.num_evals_to_average, 1),
-            "judge/mean_score": sum(means) / len(means) if means else float("nan"),
-            "judge/truncated_prompts": stats["truncated_prompts"], **metrics}
+    return write_metrics(lay, t, "judge", {
+        "judge/parse_failure_rate": failed / max(len(aggs) * spin.num_evals_to_average, 1),
+        "judge/mean_score": sum(means) / len(means) if means else float("nan"),
+        "judge/truncated_prompts": stats["truncated_prompts"], **metrics})
 
 
 # ----------------------------------------------------------------------------------------------------- meta-judge
 def run_meta_judge(cfg: config.Config, lay: Layout, t: int) -> dict:
     """Meta-Rewarding: judge pairs (chosen/rejected judgement) from the model judging its own judgements.
 
-    With use_meta_judge=false the stage writes an empty file, so dvc.yaml stays one static graph.
+    With use_meta_judge=false the stage writes an empty file, so dvc.yaml stays one static graph. Writes
+    judge_pairs.jsonl and meta_judge_metrics.json.
     """
     out = lay.it(t) / "judge_pairs.jsonl"
     spin = cfg.model.spin
     if not spin.use_meta_judge:
         write_jsonl(out, [])
-        return {"meta/judge_pairs": 0}
+        return write_metrics(lay, t, "meta_judge", {"meta/judge_pairs": 0})
     from harness.generation.sampler import generate
     from harness.judging import meta
     from harness.judging.parse import parse_winner, strip_score
@@ -297,7 +315,7 @@ def run_meta_judge(cfg: config.Config, lay: Layout, t: int) -> dict:
                             "chosen": js[c]["text"], "rejected": js[r]["text"],
                             "chosen_score": js[c]["score"], "rejected_score": js[r]["score"]})
     write_jsonl(out, judge_pairs)
-    return {**stats, "meta/judge_pairs": len(judge_pairs)}
+    return write_metrics(lay, t, "meta_judge", {**stats, "meta/judge_pairs": len(judge_pairs)})
 
 
 # ----------------------------------------------------------------------------------------------------- pairs
@@ -370,8 +388,7 @@ def run_pairs(cfg: config.Config, lay: Layout, t: int) -> dict:
     warning = no_pairs_warning(metrics, t)
     if warning and spin.require_pairs:
         raise DataError(warning)
-    write_json(lay.it(t) / "pairs_metrics.json", metrics)
-    return metrics
+    return write_metrics(lay, t, "pairs", metrics)
 
 
 def no_pairs_warning(metrics: dict, t: int) -> str | None:
@@ -388,7 +405,8 @@ def no_pairs_warning(metrics: dict, t: int) -> str | None:
 
 # ----------------------------------------------------------------------------------------------------- train
 def run_train(cfg: config.Config, lay: Layout, t: int) -> tuple[dict, list[dict]]:
-    """M_t -> M_{t+1} on the iteration's pairs; the reference is M_t."""
+    """M_t -> M_{t+1} on the iteration's pairs; the reference is M_t. Writes the model, train_history.jsonl and
+    train_metrics.json."""
     from harness.train import train_dpo
 
     pairs = read_jsonl(lay.it(t) / "pairs.jsonl", PAIRS)
@@ -404,4 +422,4 @@ def run_train(cfg: config.Config, lay: Layout, t: int) -> tuple[dict, list[dict]
     _clear_resume(lay.resume(t))
     summary = _summary(history)
     summary.update({k: v for k, v in pairs_metrics.items() if k.startswith("train/")})
-    return summary, history
+    return write_training(lay.it(t), summary, history)
