@@ -50,8 +50,8 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "report": ["trainer.self_rewarding.max_iterations", "model.spin.first_iteration_sft", "model.spin.use_meta_judge"],
 }
 
-_BASE_CODE = ["harness/config.py", "harness/io.py", "harness/rows.py", "harness/determinism.py", "harness/layout.py",
-              "harness/stages.py", "harness/cli.py", "harness/data/sft.py", "harness/parallel.py"]
+_BASE_CODE = ["harness/config.py", "harness/schema.py", "harness/config_checks.py", "harness/io.py", "harness/rows.py",
+              "harness/determinism.py", "harness/layout.py", "harness/stages.py", "harness/cli.py", "harness/data/sft.py", "harness/parallel.py"]
 _MODEL_CODE = ["harness/models", "harness/generation"]
 STAGE_CODE: dict[str, list[str]] = {
     "prepare": ["harness/data/world.py", "harness/models", "harness/judging/templates.py"],
