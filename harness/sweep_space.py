@@ -279,3 +279,11 @@ def make_pruner(space: Space):
     if name == "threshold":
         return optuna.pruners.ThresholdPruner(**kw)
     return optuna.pruners.NopPruner()
+
+
+def project_sqlite(url: str, repo: Path) -> str:
+    """A relative sqlite URL (sqlite:///x.db) made absolute under the project, not the cwd: every worker and every
+    trial worktree then opens the same file. Other URLs are returned as they are."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        return f"sqlite:///{(repo / url[len('sqlite:///'):]).resolve()}"
+    return url
