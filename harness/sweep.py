@@ -10,9 +10,8 @@ instead of recomputing it (iteration 1's generate and judge do not read beta, lr
 A completed trial is saved as the DVC experiment `<study>-t<number>`; `dvc exp apply <name> && dvc repro` brings it
 back into the workspace (from the cache), `dvc repro --force` after that recomputes it (bit-identical).
 
-MLflow (harness.sweep_mlflow): a parent run for the study; a child run per trial, which is also the trial's pipeline run (its stages attach
-to it through HARNESS_PIPELINE_KEY, so their iteration runs nest under it), with params, per-iteration metrics, the
-objective, the Optuna state (COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED) and the DVC experiment name.
+MLflow (harness.sweep_mlflow): a parent run for the study; a child run per trial, which is also the trial's
+pipeline run.
 
 Workers: trials are asked under a file lock (next to a sqlite storage), so workers on one machine never run more than
 n_trials; on a shared RDB across machines the count can overshoot by at most one trial per extra worker. A running
