@@ -55,16 +55,16 @@ _BASE_CODE = ["harness/config.py", "harness/schema.py", "harness/config_checks.p
 _MODEL_CODE = ["harness/models", "harness/generation"]
 STAGE_CODE: dict[str, list[str]] = {
     "prepare": ["harness/data/world.py", "harness/models", "harness/judging/templates.py"],
-    "sft": ["harness/models", "harness/train.py", "harness/losses.py", "harness/packing.py"],
-    "sft_baseline": [*_MODEL_CODE, "harness/train.py", "harness/losses.py", "harness/packing.py", "harness/evaluate.py",
-                     "harness/data/world.py"],
+    "sft": ["harness/models", "harness/train.py", "harness/batches.py", "harness/losses.py", "harness/packing.py"],
+    "sft_baseline": [*_MODEL_CODE, "harness/train.py", "harness/batches.py", "harness/losses.py", "harness/packing.py",
+                     "harness/evaluate.py", "harness/data/world.py"],
     "generate": _MODEL_CODE,
     "judge": [*_MODEL_CODE, "harness/judging"],
     "meta_judge": [*_MODEL_CODE, "harness/judging"],
     "pairs": ["harness/pairs.py", "harness/cream.py", "harness/telemetry.py", "harness/data/world.py"],
-    "train": ["harness/models", "harness/train.py", "harness/losses.py", "harness/packing.py"],
-    "evaluate": [*_MODEL_CODE, "harness/judging", "harness/evaluate.py", "harness/train.py", "harness/packing.py",
-                 "harness/data/world.py", "harness/telemetry.py"],
+    "train": ["harness/models", "harness/train.py", "harness/batches.py", "harness/losses.py", "harness/packing.py"],
+    "evaluate": [*_MODEL_CODE, "harness/judging", "harness/evaluate.py", "harness/train.py", "harness/batches.py",
+                 "harness/packing.py", "harness/data/world.py", "harness/telemetry.py"],
     "report": ["harness/evaluate.py"],
 }
 

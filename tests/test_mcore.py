@@ -88,7 +88,7 @@ def test_logits_match_hf_within_1e5(tok, gqa, tied):
 
 def test_packed_dpo_rows_match_hf(pair, tok):
     """The packed [prompt, chosen, rejected] row: 4D float mask and restarted positions, as train.pair_logps sends."""
-    from harness.train import encode, pack_pairs
+    from harness.batches import encode, pack_pairs
 
     ph, pm = pair
     ch = [encode(tok, p, " 3 colors", 64) for p in PROMPTS]

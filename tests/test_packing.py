@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from harness import config, train
+from harness.losses import sequence_logps
 from harness.models.hf import build_tiny
 from harness.models.tokenizer import train_tokenizer
 from harness.packing import first_fit, pack, packed_logps, plan
@@ -44,7 +45,7 @@ def test_packed_logps_and_gradients_equal_the_unpacked_ones(tok, average):
     policy = build_tiny(SMALL, tok, seed=3)
     enc = [train.encode(tok, p, r, 256) for p, r in EXAMPLES]
     ids, attn, mask = train.collate(enc, tok.pad_token_id)
-    ref = train.sequence_logps(train._logits(policy.model, ids, attn), ids, mask, average=average)
+    ref = sequence_logps(train._logits(policy.model, ids, attn), ids, mask, average=average)
     weights = torch.arange(1.0, len(enc) + 1)
     (ref * weights).sum().backward()
     ref_grads = [p.grad.clone() for p in policy.model.parameters()]

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from harness import config, train
+from harness.batches import pack_pairs
 from harness.config import Tiny
+from harness.losses import sequence_logps
 from harness.models.hf import build_tiny
 from harness.models.tokenizer import train_tokenizer
 
@@ -144,11 +146,11 @@ def test_shared_prompt_packing_gives_the_unpacked_logps_and_gradients(tok, avera
     ch, rj = _pairs_enc(tok, PAIRS[:5])
     weights = torch.arange(1.0, 11.0)
     ids, attn, mask = train.collate(ch + rj, tok.pad_token_id)
-    ref = train.sequence_logps(train._logits(policy.model, ids, attn), ids, mask, average=average)
+    ref = sequence_logps(train._logits(policy.model, ids, attn), ids, mask, average=average)
     (ref * weights).sum().backward()
     ref_grads = [p.grad.clone() for p in policy.model.parameters()]
     policy.model.zero_grad()
-    packed = train.pack_pairs(ch, rj, tok.pad_token_id)
+    packed = pack_pairs(ch, rj, tok.pad_token_id)
     assert packed is not None and packed[0].numel() < ids.numel()  # the prompt is computed once
     c, r, sft, c_len, r_len = train.pair_logps(policy.model, ch, rj, tok.pad_token_id, average, sft_average=True)
     (torch.cat([c, r]) * weights).sum().backward()
@@ -156,18 +158,18 @@ def test_shared_prompt_packing_gives_the_unpacked_logps_and_gradients(tok, avera
     for p, g in zip(policy.model.parameters(), ref_grads):
         assert torch.allclose(p.grad, g, atol=1e-5, rtol=1e-4)
     assert c_len.tolist() == mask[:5].sum(1).tolist() and r_len.tolist() == mask[5:].sum(1).tolist()
-    assert torch.allclose(sft.detach(), train.sequence_logps(train._logits(policy.model, ids, attn), ids, mask, average=True)[:5],
+    assert torch.allclose(sft.detach(), sequence_logps(train._logits(policy.model, ids, attn), ids, mask, average=True)[:5],
                           atol=1e-5)
 
 
 def test_packing_falls_back_when_prompts_differ(tok):
     ch, rj = _pairs_enc(tok, PAIRS[:2])
     rj[1] = train.encode(tok, "Sort these numbers: 9 9 9\n", "9 9 9", 256)
-    assert train.pack_pairs(ch, rj, tok.pad_token_id) is None
+    assert pack_pairs(ch, rj, tok.pad_token_id) is None
     policy = build_tiny(SMALL, tok, seed=3)
     c, r, *_ = train.pair_logps(policy.model, ch, rj, tok.pad_token_id, False)
     ids, attn, mask = train.collate(ch + rj, tok.pad_token_id)
-    assert torch.allclose(torch.cat([c, r]), train.sequence_logps(train._logits(policy.model, ids, attn), ids, mask), atol=1e-6)
+    assert torch.allclose(torch.cat([c, r]), sequence_logps(train._logits(policy.model, ids, attn), ids, mask), atol=1e-6)
 
 
 def _crash_at_first_save(tok, c, resume_dir, monkeypatch):

@@ -147,7 +147,7 @@ class MCoreLM(torch.nn.Module):
 
     attention_mask: None (causal), [B, T] (1 = token, 0 = padding) or [B, 1, T, T] (additive float, 0 = attend, or
     bool, True = attend), as transformers takes it; position_ids drive the rotary embedding per token, so packed rows
-    with restarted positions (train.pack_pairs) and left-padded prompts work. Logits are [B, T, vocab_size].
+    with restarted positions (batches.pack_pairs) and left-padded prompts work. Logits are [B, T, vocab_size].
 
     state_dict() / load_state_dict() speak the full weights under tensor-parallel-size-independent names (gathered
     over the TP group: a collective call), so resume states, resume keys and checkpoints are the same on every rank
