@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import config as C  # noqa: E402
+from harness import config  # noqa: E402
 from harness.determinism import set_threads  # noqa: E402
 from harness.generation import generate  # noqa: E402
 from harness.models import hf, mcore  # noqa: E402
@@ -32,8 +32,8 @@ def setup():
     set_threads()
     rng = random.Random(0)
     sent = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
-    tok = train_tokenizer([sent(50) for _ in range(300)], C.Tiny().vocab_size)
-    ph = hf.build_tiny(C.Tiny(), tok, seed=0)
+    tok = train_tokenizer([sent(50) for _ in range(300)], config.Tiny().vocab_size)
+    ph = hf.build_tiny(config.Tiny(), tok, seed=0)
     pairs = [{"prompt": sent(40), "chosen": sent(30), "rejected": sent(25), "chosen_score": 4.0,
               "rejected_score": 1.0} for _ in range(32)]
     return ph, mcore.from_hf(ph), pairs, [sent(30) for _ in range(32)]
@@ -47,9 +47,9 @@ def timed(fn) -> float:
 
 def main() -> dict:
     ph, pm, pairs, prompts = setup()
-    cfg = C.load(None, ["model.micro_batch_size=8", "model.global_batch_size=16", "model.optim.lr=1e-5",
+    cfg = config.load(None, ["model.micro_batch_size=8", "model.global_batch_size=16", "model.optim.lr=1e-5",
                         "model.data.train_ds.max_seq_length=256", "trainer.self_rewarding.max_steps=2"], warn=None)
-    sp, lp = C.SamplingParams(end_strings=[]), C.LengthParams(max_length=32, min_length=32)
+    sp, lp = config.SamplingParams(end_strings=[]), config.LengthParams(max_length=32, min_length=32)
     gen = dict(num_samples=1, sampling_params=sp, length_params=lp, seed_parts=[(0, i) for i in range(32)],
                batch_size=32)
     best: dict[str, float] = {}

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import config as C  # noqa: E402
+from harness import config  # noqa: E402
 from harness.determinism import set_threads  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def setup(tmp: str):
     from harness.models.base import load_policy
 
     set_threads(THREADS)
-    cfg = C.load(str(ROOT / "params.yaml"), OVERRIDES, warn=None)
+    cfg = config.load(str(ROOT / "params.yaml"), OVERRIDES, warn=None)
     lay = Layout(Path(tmp))
     stages.prepare(cfg, lay)
     policy = load_policy(lay.base_model)
@@ -66,7 +66,7 @@ def setup(tmp: str):
 def seq_lengths(cfg, policy, examples) -> list[int]:
     from harness.train import encode
 
-    return [len(encode(policy.tokenizer, p, r, C.seq_len(cfg, cfg.model.data.sft_ds)).ids) for p, r in examples]
+    return [len(encode(policy.tokenizer, p, r, config.seq_len(cfg, cfg.model.data.sft_ds)).ids) for p, r in examples]
 
 
 def _warmup(cfg, policy, examples) -> None:

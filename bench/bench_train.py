@@ -53,8 +53,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness import config as C  # noqa: E402
-from harness.data import world as W  # noqa: E402
+from harness import config  # noqa: E402
+from harness.data import world  # noqa: E402
 from harness.data.sft import USER, render_nemo  # noqa: E402
 from harness.determinism import set_threads  # noqa: E402
 from harness.models.hf import build_tiny  # noqa: E402
@@ -79,18 +79,18 @@ OVERRIDES = [
 def setup():
     """(tokenizer, policy, pairs): the same on both sides, deterministic."""
     set_threads(THREADS)
-    tok = train_tokenizer(W.world_texts(300, SEED), C.Tiny().vocab_size)
-    policy = build_tiny(C.Tiny(), tok, seed=SEED)
+    tok = train_tokenizer(world.world_texts(300, SEED), config.Tiny().vocab_size)
+    policy = build_tiny(config.Tiny(), tok, seed=SEED)
     rng = random.Random(f"bench_train:{SEED}")
-    tokens = C.ChatPromptTokens()
+    tokens = config.ChatPromptTokens()
     pairs = []
-    tasks = W.make_tasks(2 * N_PAIRS, rng, "bench")
+    tasks = world.make_tasks(2 * N_PAIRS, rng, "bench")
     for t, shot in zip(tasks[:N_PAIRS], tasks[N_PAIRS:]):
         rejected_score = rng.choice((0, 1, 2, 3))
         # a one-shot system turn (another task and its gold answer) brings sequences to ~60-100 tokens
         system = f"Answer exactly. Example: {shot.prompt} Answer: {shot.gold}"
         pairs.append({"prompt": render_nemo(system, [{"from": USER, "value": t.prompt}], tokens), "chosen": t.gold,
-                      "rejected": W.degrade(t, rejected_score, rng), "chosen_score": 5.0,
+                      "rejected": world.degrade(t, rejected_score, rng), "chosen_score": 5.0,
                       "rejected_score": float(rejected_score)})
     return tok, policy, pairs
 
@@ -115,7 +115,7 @@ def _warmup(model, tok, pairs) -> None:
 # ----------------------------------------------------------------------------------------------------- ours
 def ours_prepare():
     tok, policy, pairs = setup()
-    cfg = C.load(None, OVERRIDES, warn=None)
+    cfg = config.load(None, OVERRIDES, warn=None)
     _warmup(policy.model, tok, pairs)
     return (policy, pairs, cfg), {}
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness import config as C
+from harness import config
 from harness.io import DataError, stage_outputs
 from harness.timing import CLOCK
 
@@ -20,13 +20,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="NeMo/Hydra overrides: key=value, +key=value, ++key=value")
 
 
-def load_config(args) -> C.Config:
+def load_config(args) -> config.Config:
     path = None if args.config in ("none", "") else args.config
-    return C.load(path, args.overrides, warn=lambda m: print(m, file=sys.stderr))
+    return config.load(path, args.overrides, warn=lambda m: print(m, file=sys.stderr))
 
 
 def cmd_config_show(args) -> int:
-    print(C.dump(load_config(args)), end="")
+    print(config.dump(load_config(args)), end="")
     return 0
 
 
@@ -37,7 +37,7 @@ def cmd_config_keys(args) -> int:
     return 0
 
 
-def _setup(args) -> tuple[C.Config, object]:
+def _setup(args) -> tuple[config.Config, object]:
     import random
 
     import harness.determinism  # noqa: F401 - sets the NVTE_*/CUBLAS flags before any model import
@@ -54,7 +54,7 @@ def _setup(args) -> tuple[C.Config, object]:
     return cfg, Layout(Path(args.root) if args.root else log_dir(cfg))
 
 
-def _torch(cfg: C.Config) -> None:
+def _torch(cfg: config.Config) -> None:
     """torch's import, threads, seeds and device (harness.parallel), counted as model loading: stages without a model
     skip it."""
     from harness.determinism import torch_ready
@@ -66,12 +66,12 @@ def _torch(cfg: C.Config) -> None:
         parallel.setup(cfg)
 
 
-def _iteration(cfg: C.Config, t: int, *, sft: bool = False) -> int:
+def _iteration(cfg: config.Config, t: int, *, sft: bool = False) -> int:
     n = cfg.trainer.self_rewarding.max_iterations
     if not 0 <= t < n:
-        raise C.ConfigError(f"--iteration {t}: trainer.self_rewarding.max_iterations={n} allows 0..{n - 1}")
+        raise config.ConfigError(f"--iteration {t}: trainer.self_rewarding.max_iterations={n} allows 0..{n - 1}")
     if not sft and t == 0 and cfg.model.spin.first_iteration_sft:
-        raise C.ConfigError("--iteration 0 is the SFT iteration (model.spin.first_iteration_sft=true): run `harness sft`")
+        raise config.ConfigError("--iteration 0 is the SFT iteration (model.spin.first_iteration_sft=true): run `harness sft`")
     return t
 
 
@@ -96,19 +96,16 @@ def cmd_prepare(args) -> int:
 
 def cmd_sft(args) -> int:
     from harness import stages, tracking
-    from harness.io import write_json, write_jsonl
     from harness.layout import sft_files
 
     cfg, lay = _setup(args)
     if not cfg.model.spin.first_iteration_sft:
-        raise C.ConfigError("harness sft runs iteration 0 only with model.spin.first_iteration_sft=true")
+        raise config.ConfigError("harness sft runs iteration 0 only with model.spin.first_iteration_sft=true")
     with tracking.stage_run(cfg, "sft", 0) as tr:
         CLOCK.stage_begins()
         _torch(cfg)
         with stage_outputs(lay.it(0)):
             summary, history = stages.run_sft(cfg, lay)
-            write_jsonl(lay.it(0) / "train_history.jsonl", history)
-            write_json(lay.it(0) / "train_metrics.json", summary)
         if tr:
             tr.log_history(history)
             tr.log_metrics(summary, step=0)
@@ -122,19 +119,16 @@ def cmd_sft(args) -> int:
 def cmd_sft_baseline(args) -> int:
     from harness import stages, tracking
     from harness.evaluate import run_evaluate_baseline
-    from harness.io import write_json, write_jsonl
 
     cfg, lay = _setup(args)
     if not stages.use_sft_baseline(cfg):
-        raise C.ConfigError("harness sft_baseline needs the task world, model.spin.first_iteration_sft=true and "
+        raise config.ConfigError("harness sft_baseline needs the task world, model.spin.first_iteration_sft=true and "
                             "model.sft.baseline=true")
     with tracking.stage_run(cfg, "sft_baseline") as tr:
         CLOCK.stage_begins()
         _torch(cfg)
         with stage_outputs(lay.baseline):
             summary, history = stages.run_sft(cfg, lay, baseline=True)
-            write_jsonl(lay.baseline / "train_history.jsonl", history)
-            write_json(lay.baseline / "train_metrics.json", summary)
             metrics = run_evaluate_baseline(cfg, lay)
         if tr:
             tr.log_metrics({f"sft_baseline/{k.split('/')[-1]}": v for k, v in {**summary, **metrics}.items()},
@@ -144,13 +138,20 @@ def cmd_sft_baseline(args) -> int:
     return 0
 
 
+def iteration_stages() -> dict:
+    """Each iteration stage's one home: a function (cfg, lay, t) that does the stage's whole job, its files included,
+    and returns its metrics (train: (metrics, history))."""
+    from harness import evaluate, stages
+
+    return {"generate": stages.run_generate, "judge": stages.run_judge, "meta_judge": stages.run_meta_judge,
+            "pairs": stages.run_pairs, "train": stages.run_train, "evaluate": evaluate.run_evaluate}
+
+
 def _stage(name: str):
-    """generate / judge / meta_judge / pairs / train / evaluate for one iteration."""
+    """`harness <name> --iteration t`: set up, run the stage's function under MLflow and the timer, log its metrics."""
 
     def cmd(args) -> int:
         from harness import stages, tracking
-        from harness.io import write_json, write_jsonl
-        from harness.layout import prompts_file
 
         cfg, lay = _setup(args)
         t = _iteration(cfg, args.iteration, sft=name == "evaluate")
@@ -159,35 +160,21 @@ def _stage(name: str):
             if name != "pairs" and (name != "meta_judge" or cfg.model.spin.use_meta_judge):
                 _torch(cfg)
             with stage_outputs(lay.it(t)):  # all of the stage's outputs, or (on any error) none of them
-                history = []
-                if name == "train":
-                    metrics, history = stages.run_train(cfg, lay, t)
-                    write_jsonl(lay.it(t) / "train_history.jsonl", history)
-                    write_json(lay.it(t) / "train_metrics.json", metrics)
-                elif name == "evaluate":
-                    from harness.evaluate import run_evaluate
-
-                    metrics = run_evaluate(cfg, lay, t)
-                else:
-                    metrics = getattr(stages, f"run_{name}")(cfg, lay, t)
-                    if name != "pairs":
-                        write_json(lay.it(t) / f"{name}_metrics.json", metrics)
+                out = iteration_stages()[name](cfg, lay, t)
+            metrics, history = out if isinstance(out, tuple) else (out, [])
             warning = stages.no_pairs_warning(metrics, t) if name in ("pairs", "train") else None
             if warning:
                 print(f"harness: WARNING: {warning}", file=sys.stderr)
             if tr:
                 tr.log_history(history)
                 _tag_resume(tr, history)
-                if name == "evaluate":
+                if name == "evaluate":  # the run's headline numbers: on the pipeline run too
                     tr.log_metrics(metrics, step=t, parent=True)
                 tr.log_metrics(metrics, step=t)
                 if warning:
                     tr.set_tags({"harness.warning": warning})
                     tr.set_tags({f"harness.warning.iter{t}": warning}, parent=True)
-                if name == "pairs":
-                    _log_pairs_table(tr, lay.it(t) / "pairs.jsonl")
-                if name == "generate":
-                    tr.log_dataset(prompts_file(cfg, lay, t), f"prompts/iter{t}", "prompts")
+                _MLFLOW_EXTRAS.get(name, lambda *a: None)(tr, cfg, lay, t)
         _done(lay, name, t, metrics, tr)
         return 0
 
@@ -213,12 +200,21 @@ def _tag_resume(tr, history) -> None:
         tr.set_tags({"harness.resumed": note})
 
 
-def _log_pairs_table(tr, path: Path, n: int = 32) -> None:
+def _log_pairs_table(tr, cfg, lay, t: int, n: int = 32) -> None:
     from harness.io import read_jsonl
 
-    rows = read_jsonl(path)[:n]
+    rows = read_jsonl(lay.it(t) / "pairs.jsonl")[:n]
     tr.log_table({k: [str(r[k]) for r in rows] for k in ("kind", "prompt", "chosen", "rejected", "chosen_score",
                                                         "rejected_score")}, "pairs_sample.json")
+
+
+def _log_prompts(tr, cfg, lay, t: int) -> None:
+    from harness.layout import prompts_file
+
+    tr.log_dataset(prompts_file(cfg, lay, t), f"prompts/iter{t}", "prompts")
+
+
+_MLFLOW_EXTRAS = {"pairs": _log_pairs_table, "generate": _log_prompts}  # what a stage logs beyond its metrics
 
 
 def cmd_report(args) -> int:
@@ -397,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (C.ConfigError, DataError) as e:
+    except (config.ConfigError, DataError) as e:
         print(f"harness: error: {e}", file=sys.stderr)
         return 2
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from harness import config as C
+from harness import config
 
 MEANING = {
     "seed": "root seed; every sample's RNG derives from (seed, iteration, prompt id, sample id)",
@@ -116,8 +116,8 @@ MEANING = {
 
 
 def markdown_table() -> str:
-    defaults = C.flatten(C.to_dict(C.Config()))
+    defaults = config.flatten(config.to_dict(config.Config()))
     rows = ["| key | meaning | default |", "|---|---|---|"]
-    for key in C.all_keys():
+    for key in config.all_keys():
         rows.append(f"| `{key}` | {MEANING[key]} | `{json.dumps(defaults[key])}` |")
     return "\n".join(rows)

@@ -14,15 +14,15 @@ import dataclasses
 import math
 from pathlib import Path
 
-from harness import config as C
-from harness import rows as R
-from harness.data import sft as S
+from harness import config
+from harness.data import sft
 from harness.io import DataError, pending, read_json, read_jsonl, write_json, write_jsonl
 from harness.layout import Layout, use_sft_baseline, use_world, validation_file
+from harness.rows import EVAL_ANSWERS, JUDGE_EVAL
 from harness.stages import load_stage_policy, no_pairs_warning, render_judge_prompt, render_prompt, validation_examples
 
 
-def _greedy(cfg: C.Config) -> C.SamplingParams:
+def _greedy(cfg: config.Config) -> config.SamplingParams:
     return dataclasses.replace(cfg.model.spin.sampling_params, use_greedy=True)
 
 
@@ -59,7 +59,7 @@ def judge_agreement(groups: dict[str, list[tuple[float | None, int]]]) -> dict:
     }
 
 
-def eval_metrics(cfg: C.Config, t: int) -> set[str]:
+def eval_metrics(cfg: config.Config, t: int) -> set[str]:
     """The eval/ metrics run_evaluate writes for iteration t under cfg (a sweep checks its objective against them)."""
     lay = Layout()
     out = {"eval/val_loss"} if validation_file(cfg, lay) is not None else set()
@@ -116,7 +116,7 @@ def _by_family(answers: list[dict], families: dict[str, str], baseline: list[int
     return out
 
 
-def judge_own_samples(cfg: C.Config, policy, lay: Layout, t) -> dict:
+def judge_own_samples(cfg: config.Config, policy, lay: Layout, t) -> dict:
     """The judge on the policy's own samples: N = num_responses_to_gen sampled answers to the first quarter of the
     test prompts (at least 8), each judged once greedily by the same model; pairwise accuracy against the oracle over the pairs it
     separates (eval/judge_own_pairwise_acc, per family too), and which of the judge's steps fail
@@ -127,14 +127,14 @@ def judge_own_samples(cfg: C.Config, policy, lay: Layout, t) -> dict:
     from harness.telemetry import checklist_metrics, own_judge_metrics
 
     spin = cfg.model.spin
-    recs = S.read_sft(lay.world / "test.jsonl")
+    recs = sft.read_sft(lay.world / "test.jsonl")
     recs = recs[: max(8, len(recs) // 4)]  # a quarter of the test prompts, at least 8 (or all of a smaller split)
     outs = generate(policy, [render_prompt(cfg, policy, r) for r in recs], num_samples=spin.num_responses_to_gen,
                     sampling_params=spin.sampling_params, length_params=spin.length_params,
                     seed_parts=[(cfg.seed, t, "own", r["id"]) for r in recs], batch_size=spin.rollout_micro_batch_size,
                     desc=f"own samples {t}")
     flat = [(r, o["text"]) for r, os_ in zip(recs, outs) for o in os_]
-    jouts = generate(policy, [render_judge_prompt(cfg, policy, S.user_text(r), x) for r, x in flat], num_samples=1,
+    jouts = generate(policy, [render_judge_prompt(cfg, policy, sft.user_text(r), x) for r, x in flat], num_samples=1,
                      sampling_params=_greedy(cfg), length_params=spin.length_params,
                      seed_parts=[(cfg.seed, t, "own_judge", r["id"], i) for i, (r, _) in enumerate(flat)],
                      batch_size=spin.rollout_micro_batch_size, desc=f"judge own samples {t}")
@@ -146,13 +146,13 @@ def judge_own_samples(cfg: C.Config, policy, lay: Layout, t) -> dict:
             | checklist_metrics([(r["meta"], x, o[0]["text"]) for (r, x), o in zip(flat, jouts)], "eval/"))
 
 
-def _test_answers(cfg: C.Config, policy, lay: Layout, t) -> list[dict]:
+def _test_answers(cfg: config.Config, policy, lay: Layout, t) -> list[dict]:
     """Greedy answers to the task world's test split, each with its oracle score."""
     from harness.data.world import score_record
     from harness.generation.sampler import generate
 
     spin = cfg.model.spin
-    recs = S.read_sft(lay.world / "test.jsonl")
+    recs = sft.read_sft(lay.world / "test.jsonl")
     outs = generate(policy, [render_prompt(cfg, policy, r) for r in recs], num_samples=1, sampling_params=_greedy(cfg),
                     length_params=spin.length_params, seed_parts=[(cfg.seed, t, "eval", r["id"]) for r in recs],
                     batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"evaluate {t}")
@@ -166,7 +166,7 @@ def _policy_metrics(answers: list[dict]) -> dict:
             "eval/response_length": sum(a["num_tokens"] for a in answers) / len(answers)}
 
 
-def run_evaluate_baseline(cfg: C.Config, lay: Layout) -> dict:
+def run_evaluate_baseline(cfg: config.Config, lay: Layout) -> dict:
     """The SFT baseline's greedy test answers (what every M_t is compared with) and its oracle metrics."""
     # pending: the model this very stage trained, not committed yet (a stage that fails writes nothing)
     answers = _test_answers(cfg, load_stage_policy(cfg, pending(lay.baseline / "model"), generation=True), lay, "sft_baseline")
@@ -176,7 +176,7 @@ def run_evaluate_baseline(cfg: C.Config, lay: Layout) -> dict:
     return metrics
 
 
-def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
+def run_evaluate(cfg: config.Config, lay: Layout, t: int) -> dict:
     """Evaluate M_{t+1}, the model iteration t produced; writes iter<t>/eval.json and eval_answers.jsonl."""
     from harness.generation.sampler import generate
     from harness.judging.parse import parse_score
@@ -187,7 +187,7 @@ def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
     metrics: dict[str, float] = {"iteration": t}
     val = validation_examples(cfg, lay, policy)
     if val:
-        enc = [encode(policy.tokenizer, p, r, C.seq_len(cfg, cfg.model.data.validation_ds)) for p, r in val]
+        enc = [encode(policy.tokenizer, p, r, config.seq_len(cfg, cfg.model.data.validation_ds)) for p, r in val]
         metrics["eval/val_loss"] = val_sft(policy, enc, cfg)()["val/loss"]
     if use_world(cfg):
         answers = _test_answers(cfg, policy, lay, t)
@@ -195,21 +195,21 @@ def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
         scores = [a["oracle_score"] for a in answers]
         metrics.update(_policy_metrics(answers))
         if use_sft_baseline(cfg):  # the papers' other reference: the model SFT'd on IFT data only
-            base = [a["oracle_score"] for a in read_jsonl(lay.baseline / "eval_answers.jsonl", R.EVAL_ANSWERS)]
+            base = [a["oracle_score"] for a in read_jsonl(lay.baseline / "eval_answers.jsonl", EVAL_ANSWERS)]
             metrics["eval/win_rate_vs_sft_baseline"] = win_rate(scores, base)
         m1 = lay.it(0) / "eval_answers.jsonl"
         base = None
         if cfg.model.spin.first_iteration_sft and t > 0 and m1.exists():
-            base = [a["oracle_score"] for a in read_jsonl(m1, R.EVAL_ANSWERS)]
+            base = [a["oracle_score"] for a in read_jsonl(m1, EVAL_ANSWERS)]
             metrics["eval/win_rate_vs_m1"] = win_rate(scores, base)
             metrics["eval/win_rate_vs_m1_se"] = win_rate_se(scores, base)
         elif t == 0:
             metrics["eval/win_rate_vs_m1"] = 0.5  # M1 against itself
             base = scores
-        families = {r["id"]: r["meta"]["family"] for r in S.read_sft(lay.world / "test.jsonl")}
+        families = {r["id"]: r["meta"]["family"] for r in sft.read_sft(lay.world / "test.jsonl")}
         metrics.update(_by_family(answers, families, base))
         metrics.update(judge_own_samples(cfg, policy, lay, t))
-        rows = read_jsonl(lay.world / "judge_eval.jsonl", R.JUDGE_EVAL, nonempty=True)
+        rows = read_jsonl(lay.world / "judge_eval.jsonl", JUDGE_EVAL, nonempty=True)
         prompts = [render_judge_prompt(cfg, policy, r["prompt"], r["response"]) for r in rows]
         jouts = generate(policy, prompts, num_samples=1, sampling_params=_greedy(cfg),
                          length_params=spin.length_params, seed_parts=[(cfg.seed, t, "judge_eval", r["id"]) for r in rows],
@@ -222,14 +222,14 @@ def run_evaluate(cfg: C.Config, lay: Layout, t: int) -> dict:
     elif validation_file(cfg, lay) is not None:
         # No oracle: the judge's own view of the model's greedy validation answers. Labelled judge_self: it is
         # what the model thinks of itself, not agreement with any ground truth.
-        recs = S.read_sft(validation_file(cfg, lay))
+        recs = sft.read_sft(validation_file(cfg, lay))
         recs = recs[: max(1, math.ceil(len(recs) * cfg.trainer.self_rewarding.limit_val_batches))]
         outs = generate(policy, [render_prompt(cfg, policy, r) for r in recs], num_samples=1, sampling_params=_greedy(cfg),
                         length_params=spin.length_params,
                         seed_parts=[(cfg.seed, t, "eval", str(r.get("id", i))) for i, r in enumerate(recs)],
                         batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"evaluate iter {t}")
         answers = [o[0] for o in outs]
-        jouts = generate(policy, [render_judge_prompt(cfg, policy, S.user_text(r), a["text"]) for r, a in zip(recs, answers)],
+        jouts = generate(policy, [render_judge_prompt(cfg, policy, sft.user_text(r), a["text"]) for r, a in zip(recs, answers)],
                          num_samples=1, sampling_params=_greedy(cfg), length_params=spin.length_params,
                          seed_parts=[(cfg.seed, t, "judge_self", i) for i in range(len(recs))],
                          batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"judge_self iter {t}")
@@ -283,7 +283,7 @@ ROWS = [
 ]
 
 
-def collect(cfg: C.Config, lay: Layout) -> list[dict]:
+def collect(cfg: config.Config, lay: Layout) -> list[dict]:
     out = []
     for t in range(cfg.trainer.self_rewarding.max_iterations):
         row = {"iteration": t, "model": f"M{t + 1}"}
@@ -321,7 +321,7 @@ def family_table(rows: list[dict]) -> list[str]:
     return out
 
 
-def run_report(cfg: C.Config, lay: Layout, out_dir: Path) -> dict:
+def run_report(cfg: config.Config, lay: Layout, out_dir: Path) -> dict:
     """report.md (a table per iteration, rows as in the papers' tables), iterations.csv for DVC plots, PNG plots."""
     import matplotlib
 

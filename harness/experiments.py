@@ -18,15 +18,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import config as C
+from harness import config
 
 
-def write_workspace(cfg: C.Config, root: Path = Path(".")) -> list[Path]:
+def write_workspace(cfg: config.Config, root: Path = Path(".")) -> list[Path]:
     """params.yaml = the resolved config, dvc.yaml = its pipeline; returns the files written."""
     from harness import pipeline
     from harness.io import write_text
 
-    write_text(root / "params.yaml", f"# Written by `harness exp run` from the resolved config.\n{C.dump(cfg)}")
+    write_text(root / "params.yaml", f"# Written by `harness exp run` from the resolved config.\n{config.dump(cfg)}")
     write_text(root / "dvc.yaml", pipeline.render(cfg))
     return [root / "params.yaml", root / "dvc.yaml"]
 
@@ -43,7 +43,7 @@ def dvc_command(name: str | None, *, repro: bool = False, force: bool = False, q
 def run(path: str, overrides: list[str], *, name: str | None = None, repro: bool = False, force: bool = False,
         queue: bool = False, root: Path = Path("."), warn=print) -> int:
     """Resolve `path` + overrides (errors name the key before anything is written), write the workspace, run DVC."""
-    cfg = C.load(path, overrides, warn=warn)
+    cfg = config.load(path, overrides, warn=warn)
     name = name or Path(path).stem
     write_workspace(cfg, root)
     cmd = dvc_command(name, repro=repro, force=force, queue=queue)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import fcntl
 import hashlib
 import json
 import math
@@ -311,3 +312,15 @@ def tree_hash(path: str | Path) -> str:
     for p in sorted(q for q in path.rglob("*") if q.is_file()):
         h.update(str(p.relative_to(path)).encode() + b"\0" + file_hash(p).encode())
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock between processes and threads (each call opens its own file description)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import config as C
+from harness import config
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Layout:
         return self.root / "resume" / (t if isinstance(t, str) else f"iter{t}")
 
 
-def log_dir(cfg: C.Config) -> Path:
+def log_dir(cfg: config.Config) -> Path:
     """exp_manager.explicit_log_dir, else <exp_manager.exp_dir>/<exp_manager.name> (NeMo's exp_manager), else runs."""
     em = cfg.exp_manager
     if em.explicit_log_dir:
@@ -53,26 +53,26 @@ def log_dir(cfg: C.Config) -> Path:
     return Path(em.exp_dir) / em.name if em.exp_dir else Path("runs")
 
 
-def use_world(cfg: C.Config) -> bool:
+def use_world(cfg: config.Config) -> bool:
     """The synthetic task world supplies prompts, gold answers and the oracle (no prompts file configured)."""
-    return C.uses_task_world(cfg)
+    return config.uses_task_world(cfg)
 
 
-def use_sft_baseline(cfg: C.Config) -> bool:
+def use_sft_baseline(cfg: config.Config) -> bool:
     """The IFT-only SFT baseline: task world, SFT iteration, and model.sft.baseline."""
     return use_world(cfg) and cfg.model.spin.first_iteration_sft and cfg.model.sft.baseline
 
 
-def initial_model(cfg: C.Config, lay: Layout) -> Path:
+def initial_model(cfg: config.Config, lay: Layout) -> Path:
     return Path(cfg.pretrained_checkpoint.restore_from_path or lay.base_model)
 
 
-def model_before(cfg: C.Config, lay: Layout, t: int) -> Path:
+def model_before(cfg: config.Config, lay: Layout, t: int) -> Path:
     """M_t, the model that iteration t starts from (generates, judges and is the reference)."""
     return initial_model(cfg, lay) if t == 0 else lay.model(t - 1)
 
 
-def prompts_file(cfg: C.Config, lay: Layout, t: int) -> Path:
+def prompts_file(cfg: config.Config, lay: Layout, t: int) -> Path:
     """Iteration t's prompts: the world's prompts_<t>.jsonl, or model.data.train_ds.file_path (one per iteration
     when it is a list)."""
     fp = cfg.model.data.train_ds.file_path
@@ -81,14 +81,14 @@ def prompts_file(cfg: C.Config, lay: Layout, t: int) -> Path:
     return Path(fp[t] if isinstance(fp, list) else fp)
 
 
-def validation_file(cfg: C.Config, lay: Layout) -> Path | None:
+def validation_file(cfg: config.Config, lay: Layout) -> Path | None:
     fp = cfg.model.data.validation_ds.file_path
     if fp is not None:
         return Path(fp)
     return lay.world / "validation.jsonl" if use_world(cfg) else None
 
 
-def sft_files(cfg: C.Config, lay: Layout) -> dict[str, Path]:
+def sft_files(cfg: config.Config, lay: Layout) -> dict[str, Path]:
     """Iteration 0's training files: gold answers (ift), judge training (eft) and, in the task world, meta-judge
     training (mft). IFT defaults to the task world's seed, else to iteration 0's train_ds file (NeMo trains the
     first iteration on train_ds when first_iteration_sft)."""
@@ -109,7 +109,7 @@ def sft_files(cfg: C.Config, lay: Layout) -> dict[str, Path]:
     return out
 
 
-def data_files(cfg: C.Config, lay: Layout, stage: str, t: int | None = None) -> list[Path]:
+def data_files(cfg: config.Config, lay: Layout, stage: str, t: int | None = None) -> list[Path]:
     """The data files (not models, not other stages' outputs) `stage` reads: its DVC dependencies. The task world
     is one directory."""
     if stage == "prepare":

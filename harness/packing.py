@@ -83,7 +83,7 @@ def pack(seqs, rows: list[list[list[int]]], pad_id: int, dtype: torch.dtype = to
     """Rows of trees (plan) as tensors. In a tree of examples sorted by tokens, example k shares its first
     lcp(k-1, k) tokens with the previous one (the longest prefix it shares with any earlier one), so each token is
     written once and attends exactly to the tokens of its own example before it: its log-probs and gradients are
-    those of the example alone. seqs: objects with .ids and .mask (1 on scored tokens), e.g. train.Encoded."""
+    those of the example alone. seqs: objects with .ids and .mask (1 on scored tokens), e.g. batches.Encoded."""
     laid = []  # per row: (token ids, depths, [(example, node of each of its tokens)])
     for row in rows:
         toks, depth, paths = [], [], []

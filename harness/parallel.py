@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness import config as C
+from harness import config
 
 
 @dataclass(frozen=True)
@@ -49,23 +49,23 @@ def is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def resolve(cfg: C.Config) -> Placement:
+def resolve(cfg: config.Config) -> Placement:
     """The placement cfg asks for on this machine; ConfigError names the key when it cannot be honoured."""
     tr = cfg.trainer  # keys and their combinations are validated in config.py; here what only this machine knows
     cuda = torch.cuda.is_available()
     if tr.accelerator in ("gpu", "cuda") and not cuda:
-        raise C.ConfigError(f"trainer.accelerator={tr.accelerator}: no CUDA device here (use cpu or auto)")
+        raise config.ConfigError(f"trainer.accelerator={tr.accelerator}: no CUDA device here (use cpu or auto)")
     use_cuda = cuda and tr.accelerator != "cpu"
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if use_cuda else torch.device("cpu")
     want = tr.devices * tr.num_nodes
     if "WORLD_SIZE" in os.environ and world_size() != want:
-        raise C.ConfigError(f"trainer.devices x trainer.num_nodes = {want}, but torchrun started {world_size()} "
+        raise config.ConfigError(f"trainer.devices x trainer.num_nodes = {want}, but torchrun started {world_size()} "
                             "processes: set them to match the launch")
     tp = cfg.model.tensor_model_parallel_size
     return Placement(device=device, tensor_parallel=tp, seed=cfg.seed)
 
 
-def setup(cfg: C.Config) -> Placement:
+def setup(cfg: config.Config) -> Placement:
     """Resolve the placement, join the torchrun process group and make it current (once per process)."""
     global _CURRENT
     _CURRENT = resolve(cfg)
@@ -89,14 +89,14 @@ def init_process_group() -> None:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def needs_launch(cfg: C.Config) -> bool:
+def needs_launch(cfg: config.Config) -> bool:
     return cfg.trainer.devices * cfg.trainer.num_nodes > 1 and "WORLD_SIZE" not in os.environ
 
 
-def relaunch(cfg: C.Config, argv: list[str]) -> int:
+def relaunch(cfg: config.Config, argv: list[str]) -> int:
     """Run this very command under torchrun on this node (trainer.devices processes); returns its exit code."""
     if cfg.trainer.num_nodes > 1:
-        raise C.ConfigError("trainer.num_nodes > 1: start every node with torchrun (or srun torchrun; see README)")
+        raise config.ConfigError("trainer.num_nodes > 1: start every node with torchrun (or srun torchrun; see README)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.trainer.devices}",
            "-m", "harness.cli", *argv]
     return subprocess.call(cmd)

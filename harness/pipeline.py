@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from harness import config as C
+from harness import config
 
 _MODEL = ["seed", "model.backend", "trainer.precision", "trainer.accelerator", "model.tensor_model_parallel_size",
           "model.encoder_seq_length", "model.data.prompt_format", "model.data.chat_prompt_tokens"]
@@ -50,29 +50,29 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "report": ["trainer.self_rewarding.max_iterations", "model.spin.first_iteration_sft", "model.spin.use_meta_judge"],
 }
 
-_BASE_CODE = ["harness/config.py", "harness/io.py", "harness/rows.py", "harness/determinism.py", "harness/layout.py",
-              "harness/stages.py", "harness/cli.py", "harness/data/sft.py", "harness/parallel.py"]
+_BASE_CODE = ["harness/config.py", "harness/schema.py", "harness/config_checks.py", "harness/io.py", "harness/rows.py",
+              "harness/determinism.py", "harness/layout.py", "harness/stages.py", "harness/cli.py", "harness/data/sft.py", "harness/parallel.py"]
 _MODEL_CODE = ["harness/models", "harness/generation"]
 STAGE_CODE: dict[str, list[str]] = {
     "prepare": ["harness/data/world.py", "harness/models", "harness/judging/templates.py"],
-    "sft": ["harness/models", "harness/train.py", "harness/losses.py", "harness/packing.py"],
-    "sft_baseline": [*_MODEL_CODE, "harness/train.py", "harness/losses.py", "harness/packing.py", "harness/evaluate.py",
-                     "harness/data/world.py"],
+    "sft": ["harness/models", "harness/train.py", "harness/batches.py", "harness/losses.py", "harness/packing.py"],
+    "sft_baseline": [*_MODEL_CODE, "harness/train.py", "harness/batches.py", "harness/losses.py", "harness/packing.py",
+                     "harness/evaluate.py", "harness/data/world.py"],
     "generate": _MODEL_CODE,
     "judge": [*_MODEL_CODE, "harness/judging"],
     "meta_judge": [*_MODEL_CODE, "harness/judging"],
     "pairs": ["harness/pairs.py", "harness/cream.py", "harness/telemetry.py", "harness/data/world.py"],
-    "train": ["harness/models", "harness/train.py", "harness/losses.py", "harness/packing.py"],
-    "evaluate": [*_MODEL_CODE, "harness/judging", "harness/evaluate.py", "harness/train.py", "harness/packing.py",
-                 "harness/data/world.py", "harness/telemetry.py"],
+    "train": ["harness/models", "harness/train.py", "harness/batches.py", "harness/losses.py", "harness/packing.py"],
+    "evaluate": [*_MODEL_CODE, "harness/judging", "harness/evaluate.py", "harness/train.py", "harness/batches.py",
+                 "harness/packing.py", "harness/data/world.py", "harness/telemetry.py"],
     "report": ["harness/evaluate.py"],
 }
 
 
-def stage_config(cfg: C.Config, stage: str) -> dict:
+def stage_config(cfg: config.Config, stage: str) -> dict:
     """The part of the resolved config a stage reads: saved next to its checkpoints."""
     out: dict = {}
-    tree = C.to_dict(cfg)
+    tree = config.to_dict(cfg)
     for key in STAGE_PARAMS[stage]:
         node, dst = tree, out
         parts = key.split(".")
@@ -92,32 +92,32 @@ def _stage(cmd: str, stage: str, deps: list[str], outs: list[str], metrics: list
     return d
 
 
-def dvc_yaml(cfg: C.Config) -> dict:
+def dvc_yaml(cfg: config.Config) -> dict:
     """The pipeline graph: prepare -> sft -> per iteration (generate, judge, meta_judge, pairs, train, evaluate)
     -> report. DVC's foreach cannot chain items, so each item names its previous model explicitly. Every data file
     a stage reads (harness.layout.data_files: the task world, or the user's jsonl files) is one of its deps."""
-    from harness import layout as L
+    from harness import layout
 
     n = cfg.trainer.self_rewarding.max_iterations
     sft = cfg.model.spin.first_iteration_sft
     first = 1 if sft else 0
     tiny = cfg.pretrained_checkpoint.restore_from_path is None
-    r = str(L.log_dir(cfg))
-    lay = L.Layout(Path(r))
+    r = str(layout.log_dir(cfg))
+    lay = layout.Layout(Path(r))
 
     def data(stage: str, t: int | None = None) -> list[str]:
-        return [str(p) for p in L.data_files(cfg, lay, stage, t)]
+        return [str(p) for p in layout.data_files(cfg, lay, stage, t)]
 
     stages: dict = {}
-    made = [*([f"{r}/world"] if L.use_world(cfg) else []), *([f"{r}/base"] if tiny else [])]
+    made = [*([f"{r}/world"] if layout.use_world(cfg) else []), *([f"{r}/base"] if tiny else [])]
     if made:  # a user checkpoint on user data needs no prepare stage
         stages["prepare"] = _stage(f"harness prepare --root {r}", "prepare", [], made)
-    base = str(L.initial_model(cfg, lay))
+    base = str(layout.initial_model(cfg, lay))
     if sft:
         stages["sft"] = _stage(f"harness sft --root {r}", "sft", [base, *data("sft")],
                                [f"{r}/iter0/model", f"{r}/iter0/train_history.jsonl"], [f"{r}/iter0/train_metrics.json"])
     # the papers' SFT baseline (IFT only): a second reference for win rates (task world only)
-    baseline = L.use_sft_baseline(cfg)
+    baseline = layout.use_sft_baseline(cfg)
     base_answers = [f"{r}/sft_baseline/eval_answers.jsonl"] if baseline else []
     if baseline:
         stages["sft_baseline"] = _stage(
@@ -132,8 +132,8 @@ def dvc_yaml(cfg: C.Config) -> dict:
     # a dict (not a list) so DVC names the stages generate@1, generate@2, ... after the iteration
     # prev: M_t, the model iteration t starts from; prev2: M_{t-1}, CREAM's previous judge (M0 for the first)
     cream = cfg.model.spin.cream != "none"
-    items = {str(t): {"it": t, "prev": str(L.model_before(cfg, lay, t)), "prompts": data("generate", t)[0],
-                      **({"prev2": str(L.model_before(cfg, lay, max(t - 1, 0)))} if cream else {})}
+    items = {str(t): {"it": t, "prev": str(layout.model_before(cfg, lay, t)), "prompts": data("generate", t)[0],
+                      **({"prev2": str(layout.model_before(cfg, lay, max(t - 1, 0)))} if cream else {})}
              for t in range(first, n)}
     it, d = "${item.it}", f"{r}/iter${{item.it}}"
     per_iter = {
@@ -162,13 +162,13 @@ def dvc_yaml(cfg: C.Config) -> dict:
     return {"stages": stages, "plots": plots}
 
 
-def render(cfg: C.Config) -> str:
+def render(cfg: config.Config) -> str:
     head = ("# Generated by `harness pipeline write` from harness/pipeline.py (STAGE_PARAMS, STAGE_CODE) and\n"
             "# params.yaml's trainer.self_rewarding.max_iterations / model.spin.first_iteration_sft. Do not edit.\n")
     return head + yaml.safe_dump(dvc_yaml(cfg), sort_keys=False, width=120)
 
 
-def check(cfg: C.Config, path: Path = Path("dvc.yaml")) -> None:
+def check(cfg: config.Config, path: Path = Path("dvc.yaml")) -> None:
     if not path.exists() or path.read_text(encoding="utf-8") != render(cfg):
-        raise C.ConfigError(f"{path} does not match params.yaml (max_iterations={cfg.trainer.self_rewarding.max_iterations}"
+        raise config.ConfigError(f"{path} does not match params.yaml (max_iterations={cfg.trainer.self_rewarding.max_iterations}"
                             f", first_iteration_sft={cfg.model.spin.first_iteration_sft}): run `harness pipeline write`")

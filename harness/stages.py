@@ -9,9 +9,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from harness import config as C
-from harness import rows as R
-from harness.data import sft as S
+from harness import config
+from harness.data import sft
 from harness.io import DataError, read_json, read_jsonl, write_json, write_jsonl
 from harness.layout import (
     Layout,
@@ -24,12 +23,13 @@ from harness.layout import (
     validation_file,
 )
 from harness.pipeline import stage_config
+from harness.rows import JUDGE_PAIRS, JUDGED, JUDGED_WORLD, META_JUDGED, PAIRS, RESPONSES
 
 __all__ = ["Layout", "initial_model", "model_before", "prompts_file", "use_sft_baseline", "use_world",
            "validation_file"]  # re-exported: the paths live in harness.layout
 
 
-def load_stage_policy(cfg: C.Config, path: Path, *, generation: bool = False):
+def load_stage_policy(cfg: config.Config, path: Path, *, generation: bool = False):
     """The policy at `path`; generation=True (the stage only generates and scores) skips transformers' modeling
     import where LeanLlama covers the checkpoint (generation.lean_model)."""
     from harness.determinism import torch_ready
@@ -49,18 +49,18 @@ def load_stage_policy(cfg: C.Config, path: Path, *, generation: bool = False):
     return policy
 
 
-def render_prompt(cfg: C.Config, policy, rec_or_turns) -> str:
-    return S.render_prompt(rec_or_turns, cfg.model.data, tokenizer=policy.tokenizer)
+def render_prompt(cfg: config.Config, policy, rec_or_turns) -> str:
+    return sft.render_prompt(rec_or_turns, cfg.model.data, tokenizer=policy.tokenizer)
 
 
-def render_judge_prompt(cfg: C.Config, policy, question: str, response: str) -> str:
+def render_judge_prompt(cfg: config.Config, policy, question: str, response: str) -> str:
     from harness.judging.templates import judge_text
 
-    return render_prompt(cfg, policy, [{"from": S.USER, "value": judge_text(question, response, cfg.model.spin)}])
+    return render_prompt(cfg, policy, [{"from": sft.USER, "value": judge_text(question, response, cfg.model.spin)}])
 
 
 # ----------------------------------------------------------------------------------------------------- prepare
-def prepare(cfg: C.Config, lay: Layout) -> dict:
+def prepare(cfg: config.Config, lay: Layout) -> dict:
     """The task world (when no user data is configured) and the tiny base model M0 (when no checkpoint is)."""
     from harness.judging.templates import judge_text, meta_judge_text
 
@@ -76,7 +76,7 @@ def prepare(cfg: C.Config, lay: Layout) -> dict:
 
         with atomic_path(lay.world) as tmp:  # the whole world or none of it
             paths = build_world(cfg.world, cfg.seed, lambda p, r: judge_text(p, r, spin), tmp,
-                                C.self_rewarding_iterations(cfg), lambda p, r, a, b: meta_judge_text(p, r, a, b, spin))
+                                config.self_rewarding_iterations(cfg), lambda p, r, a, b: meta_judge_text(p, r, a, b, spin))
         out["world_files"] = len(paths)
     if cfg.pretrained_checkpoint.restore_from_path is None:
         from harness.data.world import world_texts
@@ -94,7 +94,7 @@ def prepare(cfg: C.Config, lay: Layout) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- sft (iteration 0)
-def sft_examples(cfg: C.Config, lay: Layout, policy, only: str | None = None
+def sft_examples(cfg: config.Config, lay: Layout, policy, only: str | None = None
                  ) -> tuple[list[tuple[str, str]], dict]:
     """(prompt, answer) pairs of iteration 0 from layout.sft_files: gold answers (IFT), judge-training targets (EFT)
     and, in the task world, meta-judge targets (MFT). Rows without an answer (prompt-only rows) are skipped."""
@@ -102,21 +102,21 @@ def sft_examples(cfg: C.Config, lay: Layout, policy, only: str | None = None
     for name, path in sft_files(cfg, lay).items():
         if only and name != only:
             continue
-        rows = [r for r in S.read_sft(path) if S.gold_response(r) is not None]
-        examples += [(render_prompt(cfg, policy, r), S.gold_response(r)) for r in rows]
+        rows = [r for r in sft.read_sft(path) if sft.gold_response(r) is not None]
+        examples += [(render_prompt(cfg, policy, r), sft.gold_response(r)) for r in rows]
         counts[f"sft/{name}_examples"] = len(rows)
     if not examples:  # training on nothing would save M0 as M1 and call it done
         files = ", ".join(str(p) for n, p in sft_files(cfg, lay).items() if not only or n == only)
-        raise DataError(f"{files}: no SFT example (a record needs a final {S.ASSISTANT!r} turn with the answer)")
+        raise DataError(f"{files}: no SFT example (a record needs a final {sft.ASSISTANT!r} turn with the answer)")
     return examples, counts
 
 
-def validation_examples(cfg: C.Config, lay: Layout, policy) -> list[tuple[str, str]]:
+def validation_examples(cfg: config.Config, lay: Layout, policy) -> list[tuple[str, str]]:
     path = validation_file(cfg, lay)
     if path is None:
         return []
-    rows = [r for r in S.read_sft(path) if S.gold_response(r) is not None]
-    return [(render_prompt(cfg, policy, r), S.gold_response(r)) for r in rows]
+    rows = [r for r in sft.read_sft(path) if sft.gold_response(r) is not None]
+    return [(render_prompt(cfg, policy, r), sft.gold_response(r)) for r in rows]
 
 
 def _summary(history: list[dict]) -> dict:
@@ -133,8 +133,9 @@ def _summary(history: list[dict]) -> dict:
     return out
 
 
-def run_sft(cfg: C.Config, lay: Layout, *, baseline: bool = False) -> tuple[dict, list[dict]]:
-    """M0 -> M1 on IFT + EFT (+ MFT); with baseline, M0 -> the SFT baseline on IFT only (same settings)."""
+def run_sft(cfg: config.Config, lay: Layout, *, baseline: bool = False) -> tuple[dict, list[dict]]:
+    """M0 -> M1 on IFT + EFT (+ MFT); with baseline, M0 -> the SFT baseline on IFT only (same settings). Writes the
+    model, train_history.jsonl and train_metrics.json (iter0/, or sft_baseline/)."""
     from harness.train import train_sft
 
     policy = load_stage_policy(cfg, initial_model(cfg, lay))
@@ -145,7 +146,20 @@ def run_sft(cfg: C.Config, lay: Layout, *, baseline: bool = False) -> tuple[dict
                         resume_dir=resume)
     policy.save(out, stage_config(cfg, stage))
     _clear_resume(resume)
-    return {**counts, **_summary(history)}, history
+    return write_training(out.parent, {**counts, **_summary(history)}, history)
+
+
+def write_training(d: Path, summary: dict, history: list[dict]) -> tuple[dict, list[dict]]:
+    """A training stage's train_history.jsonl and train_metrics.json in `d`; returns (summary, history)."""
+    write_jsonl(d / "train_history.jsonl", history)
+    write_json(d / "train_metrics.json", summary)
+    return summary, history
+
+
+def write_metrics(lay: Layout, t: int, stage: str, metrics: dict) -> dict:
+    """iter<t>/<stage>_metrics.json (generate, judge, meta_judge, pairs); returns `metrics`."""
+    write_json(lay.it(t) / f"{stage}_metrics.json", metrics)
+    return metrics
 
 
 def _clear_resume(resume_dir: Path) -> None:
@@ -158,12 +172,12 @@ def _clear_resume(resume_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- generate
-def run_generate(cfg: C.Config, lay: Layout, t: int) -> dict:
-    """N = num_responses_to_gen sampled responses per prompt from M_t."""
+def run_generate(cfg: config.Config, lay: Layout, t: int) -> dict:
+    """N = num_responses_to_gen sampled responses per prompt from M_t: responses.jsonl, generate_metrics.json."""
     from harness.generation.sampler import generate
 
     spin = cfg.model.spin
-    recs = S.read_sft(prompts_file(cfg, lay, t), nonempty=True)
+    recs = sft.read_sft(prompts_file(cfg, lay, t), nonempty=True)
     policy = load_stage_policy(cfg, model_before(cfg, lay, t), generation=True)
     ids = [str(r.get("id", i)) for i, r in enumerate(recs)]
     prompts = [render_prompt(cfg, policy, r) for r in recs]
@@ -171,17 +185,18 @@ def run_generate(cfg: C.Config, lay: Layout, t: int) -> dict:
     outs = generate(policy, prompts, num_samples=spin.num_responses_to_gen, sampling_params=spin.sampling_params,
                     length_params=spin.length_params, seed_parts=[(cfg.seed, t, "response", i) for i in ids],
                     batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"generate iter {t}", stats=stats)
-    rows = [{"id": i, "prompt": p, "question": S.user_text(r), "meta": r.get("meta"), "responses": o}
+    rows = [{"id": i, "prompt": p, "question": sft.user_text(r), "meta": r.get("meta"), "responses": o}
             for i, p, r, o in zip(ids, prompts, recs, outs)]
     write_jsonl(lay.it(t) / "responses.jsonl", rows)
     resp = [x for o in outs for x in o]
-    return {"generate/responses": len(resp), "generate/mean_tokens": sum(x["num_tokens"] for x in resp) / len(resp),
-            "generate/is_end_rate": sum(x["is_end"] for x in resp) / len(resp),
-            "generate/truncated_prompts": stats["truncated_prompts"]}
+    return write_metrics(lay, t, "generate", {
+        "generate/responses": len(resp), "generate/mean_tokens": sum(x["num_tokens"] for x in resp) / len(resp),
+        "generate/is_end_rate": sum(x["is_end"] for x in resp) / len(resp),
+        "generate/truncated_prompts": stats["truncated_prompts"]})
 
 
 # ----------------------------------------------------------------------------------------------------- judge
-def judge_responses(cfg: C.Config, policy, rows: list[dict], t: int, tag: str = "judge",
+def judge_responses(cfg: config.Config, policy, rows: list[dict], t: int, tag: str = "judge",
                     stats: dict | None = None) -> list[dict]:
     """k = num_evals_to_average judge samples of `policy` per response of `rows`: the aggregate (mean, var,
     judgements, num_failed) of each response, in row order. Samples are seeded by (seed, t, tag, prompt id, j)."""
@@ -201,13 +216,14 @@ def judge_responses(cfg: C.Config, policy, rows: list[dict], t: int, tag: str = 
     return [aggregate(out, spin.judge_score_low, spin.judge_score_high, spin.judge_reward_regex) for out in outs]
 
 
-def run_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
+def run_judge(cfg: config.Config, lay: Layout, t: int) -> dict:
     """k = num_evals_to_average judge samples per response, by M_t itself; mean and variance of valid scores.
 
     With CREAM (model.spin.cream), the previous model M_{t-1} judges the same responses too (each response's "prev").
+    Writes judged.jsonl and judge_metrics.json.
     """
     spin = cfg.model.spin
-    rows = read_jsonl(lay.it(t) / "responses.jsonl", R.RESPONSES, nonempty=True)
+    rows = read_jsonl(lay.it(t) / "responses.jsonl", RESPONSES, nonempty=True)
     stats: dict = {}
     aggs = judge_responses(cfg, load_stage_policy(cfg, model_before(cfg, lay, t), generation=True), rows, t, stats=stats)
     flat = [r for row in rows for r in row["responses"]]
@@ -224,51 +240,53 @@ def run_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
     write_jsonl(lay.it(t) / "judged.jsonl", rows)
     means = [a["mean"] for a in aggs if a["mean"] is not None]
     failed = sum(a["num_failed"] for a in aggs)
-    return {"judge/parse_failure_rate": failed / max(len(aggs) * spin.num_evals_to_average, 1),
-            "judge/mean_score": sum(means) / len(means) if means else float("nan"),
-            "judge/truncated_prompts": stats["truncated_prompts"], **metrics}
+    return write_metrics(lay, t, "judge", {
+        "judge/parse_failure_rate": failed / max(len(aggs) * spin.num_evals_to_average, 1),
+        "judge/mean_score": sum(means) / len(means) if means else float("nan"),
+        "judge/truncated_prompts": stats["truncated_prompts"], **metrics})
 
 
 # ----------------------------------------------------------------------------------------------------- meta-judge
-def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
+def run_meta_judge(cfg: config.Config, lay: Layout, t: int) -> dict:
     """Meta-Rewarding: judge pairs (chosen/rejected judgement) from the model judging its own judgements.
 
-    With use_meta_judge=false the stage writes an empty file, so dvc.yaml stays one static graph.
+    With use_meta_judge=false the stage writes an empty file, so dvc.yaml stays one static graph. Writes
+    judge_pairs.jsonl and meta_judge_metrics.json.
     """
     out = lay.it(t) / "judge_pairs.jsonl"
     spin = cfg.model.spin
     if not spin.use_meta_judge:
         write_jsonl(out, [])
-        return {"meta/judge_pairs": 0}
+        return write_metrics(lay, t, "meta_judge", {"meta/judge_pairs": 0})
     from harness.generation.sampler import generate
-    from harness.judging import meta as M
+    from harness.judging import meta
     from harness.judging.parse import parse_winner, strip_score
     from harness.judging.templates import meta_judge_text
 
-    rows = read_jsonl(lay.it(t) / "judged.jsonl", R.META_JUDGED, nonempty=True)
+    rows = read_jsonl(lay.it(t) / "judged.jsonl", META_JUDGED, nonempty=True)
     policy = load_stage_policy(cfg, model_before(cfg, lay, t), generation=True)
     asks, keys = [], []  # one meta-judge prompt per (prompt, pair, order); results keyed by pair, never by position
     plan = {}
     for row in rows:
-        idx = M.select_response_for_meta(row["responses"])
+        idx = meta.select_response_for_meta(row["responses"])
         if idx is None:
             continue
         resp = row["responses"][idx]
         js = resp["judgements"]
-        pairs = M.judgement_pairs(js, spin.judge_reward_regex)
+        pairs = meta.judgement_pairs(js, spin.judge_reward_regex)
         plan[row["id"]] = (idx, pairs)
         for i, j in pairs:
             a, b = strip_score(js[i]["text"], spin.judge_reward_regex), strip_score(js[j]["text"], spin.judge_reward_regex)
             for order, (x, y) in (("ab", (a, b)), ("ba", (b, a))):
                 text = meta_judge_text(row["question"], resp["text"], x, y, spin)
-                asks.append(render_prompt(cfg, policy, [{"from": S.USER, "value": text}]))
+                asks.append(render_prompt(cfg, policy, [{"from": sft.USER, "value": text}]))
                 keys.append((row["id"], i, j, order))
     outs = generate(policy, asks, num_samples=1, sampling_params=spin.sampling_params,
                     length_params=spin.length_params, seed_parts=[(cfg.seed, t, "meta", *k) for k in keys],
                     batch_size=spin.rollout_micro_batch_size, progress=True, desc=f"meta-judge iter {t}")
     verdicts = {k: parse_winner(o[0]["text"], spin.meta_judge_reward_regex) for k, o in zip(keys, outs)}
-    cap = M.quota_cap(len(rows), spin.judge_score_low, spin.judge_score_high)  # the iteration's prompts = its epoch
-    quota = M.ScoreQuota(spin.judge_score_low, spin.judge_score_high, spin.meta_max_relative_pcnt, cap)
+    cap = meta.quota_cap(len(rows), spin.judge_score_low, spin.judge_score_high)  # the iteration's prompts = its epoch
+    quota = meta.ScoreQuota(spin.judge_score_low, spin.judge_score_high, spin.meta_max_relative_pcnt, cap)
     judge_pairs, stats = [], {"meta/prompts": len(plan), "meta/battles": 0, "meta/unparsed_verdicts": 0,
                               "meta/bad_samples": 0, "meta/quota_rejected": 0}
     for row in rows:
@@ -278,13 +296,13 @@ def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
         js = row["responses"][idx]["judgements"]
         battles = {}
         for i, j in pairs:
-            res = M.battle_outcome(verdicts[(row["id"], i, j, "ab")], verdicts[(row["id"], i, j, "ba")])
+            res = meta.battle_outcome(verdicts[(row["id"], i, j, "ab")], verdicts[(row["id"], i, j, "ba")])
             if res is None:
                 stats["meta/unparsed_verdicts"] += 1
             else:
                 battles[(i, j)] = res
         stats["meta/battles"] += len(battles)
-        sel = M.select_judge_pair(js, M.elo_scores(len(js), battles), spin.judge_reward_regex) if battles else None
+        sel = meta.select_judge_pair(js, meta.elo_scores(len(js), battles), spin.judge_reward_regex) if battles else None
         if sel is None:
             stats["meta/bad_samples"] += 1
             continue
@@ -297,11 +315,11 @@ def run_meta_judge(cfg: C.Config, lay: Layout, t: int) -> dict:
                             "chosen": js[c]["text"], "rejected": js[r]["text"],
                             "chosen_score": js[c]["score"], "rejected_score": js[r]["score"]})
     write_jsonl(out, judge_pairs)
-    return {**stats, "meta/judge_pairs": len(judge_pairs)}
+    return write_metrics(lay, t, "meta_judge", {**stats, "meta/judge_pairs": len(judge_pairs)})
 
 
 # ----------------------------------------------------------------------------------------------------- pairs
-def run_pairs(cfg: C.Config, lay: Layout, t: int) -> dict:
+def run_pairs(cfg: config.Config, lay: Layout, t: int) -> dict:
     """Preference pairs by mean judge score (length control rho), bad samples counted, judge pairs mixed in.
 
     model.spin.pair_labels picks who labels them: the judge, or on the task world the oracle (the ceiling of training
@@ -310,10 +328,10 @@ def run_pairs(cfg: C.Config, lay: Layout, t: int) -> dict:
     from harness.pairs import bad_sample_stats, mix_judge_pairs, relabel, select_pair
 
     spin = cfg.model.spin
-    rho = C.schedule(spin.length_control, t)
-    world = C.uses_task_world(cfg)
-    rows = read_jsonl(lay.it(t) / "judged.jsonl", R.JUDGED_WORLD if world else R.JUDGED, nonempty=True)
-    judge_pairs = read_jsonl(lay.it(t) / "judge_pairs.jsonl", R.JUDGE_PAIRS)
+    rho = config.schedule(spin.length_control, t)
+    world = config.uses_task_world(cfg)
+    rows = read_jsonl(lay.it(t) / "judged.jsonl", JUDGED_WORLD if world else JUDGED, nonempty=True)
+    judge_pairs = read_jsonl(lay.it(t) / "judge_pairs.jsonl", JUDGE_PAIRS)
     if world:
         from harness.data.world import score_record
 
@@ -370,8 +388,7 @@ def run_pairs(cfg: C.Config, lay: Layout, t: int) -> dict:
     warning = no_pairs_warning(metrics, t)
     if warning and spin.require_pairs:
         raise DataError(warning)
-    write_json(lay.it(t) / "pairs_metrics.json", metrics)
-    return metrics
+    return write_metrics(lay, t, "pairs", metrics)
 
 
 def no_pairs_warning(metrics: dict, t: int) -> str | None:
@@ -387,11 +404,12 @@ def no_pairs_warning(metrics: dict, t: int) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------- train
-def run_train(cfg: C.Config, lay: Layout, t: int) -> tuple[dict, list[dict]]:
-    """M_t -> M_{t+1} on the iteration's pairs; the reference is M_t."""
+def run_train(cfg: config.Config, lay: Layout, t: int) -> tuple[dict, list[dict]]:
+    """M_t -> M_{t+1} on the iteration's pairs; the reference is M_t. Writes the model, train_history.jsonl and
+    train_metrics.json."""
     from harness.train import train_dpo
 
-    pairs = read_jsonl(lay.it(t) / "pairs.jsonl", R.PAIRS)
+    pairs = read_jsonl(lay.it(t) / "pairs.jsonl", PAIRS)
     pairs_metrics = read_json(lay.it(t) / "pairs_metrics.json")
     if not pairs and cfg.model.spin.require_pairs:
         raise DataError(f"{lay.it(t) / 'pairs.jsonl'}: {no_pairs_warning({'pairs/policy_pairs': 0}, t)}")
@@ -404,4 +422,4 @@ def run_train(cfg: C.Config, lay: Layout, t: int) -> tuple[dict, list[dict]]:
     _clear_resume(lay.resume(t))
     summary = _summary(history)
     summary.update({k: v for k, v in pairs_metrics.items() if k.startswith("train/")})
-    return summary, history
+    return write_training(lay.it(t), summary, history)

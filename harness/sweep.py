@@ -10,18 +10,18 @@ instead of recomputing it (iteration 1's generate and judge do not read beta, lr
 A completed trial is saved as the DVC experiment `<study>-t<number>`; `dvc exp apply <name> && dvc repro` brings it
 back into the workspace (from the cache), `dvc repro --force` after that recomputes it (bit-identical).
 
-MLflow: a parent run for the study; a child run per trial, which is also the trial's pipeline run (its stages attach
-to it through HARNESS_PIPELINE_KEY, so their iteration runs nest under it), with params, per-iteration metrics, the
-objective, the Optuna state (COMPLETE -> FINISHED, PRUNED -> KILLED, FAIL -> FAILED) and the DVC experiment name.
+MLflow (harness.sweep_mlflow): a parent run for the study; a child run per trial, which is also the trial's
+pipeline run.
 
 Workers: trials are asked under a file lock (next to a sqlite storage), so workers on one machine never run more than
-n_trials; on a shared RDB across machines the count can overshoot by at most one trial per extra worker.
+n_trials; on a shared RDB across machines the count can overshoot by at most one trial per extra worker. A running
+trial records Optuna's RDB heartbeat; a worker that starts fails the trials whose heartbeat stopped (their worker
+died, on any machine) with `optuna.storages.fail_stale_trials`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -33,8 +33,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import config as C
-from harness.sweep_space import Space, SweepError, load_space, make_pruner, make_sampler, override
+from harness import config
+from harness.io import file_lock
+from harness.sweep_mlflow import Mlflow
+from harness.sweep_space import Space, SweepError, load_space, make_pruner, make_sampler, override, project_sqlite
+
+HEARTBEAT_INTERVAL_S = 60  # a running trial's heartbeat period
+GRACE_PERIOD_S = 180  # no heartbeat for this long: the trial's worker is dead
 
 
 class TrialFailed(RuntimeError):
@@ -56,25 +61,6 @@ def _sh(cmd: list[str], cwd: Path, env: dict | None = None, log: Path | None = N
 def _bin(name: str) -> str:
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else name
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock between processes and threads (each call opens its own file description)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _storage_url(space: Space, repo: Path) -> str:
-    url = space.storage
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        url = f"sqlite:///{(repo / url[len('sqlite:///'):]).resolve()}"  # relative to the project, not the cwd
-    return url
 
 
 def _lock_path(url: str, repo: Path) -> Path:
@@ -105,74 +91,6 @@ def _cache_dir(repo: Path) -> str:
     return str((repo / out.stdout.strip()).resolve())
 
 
-# ----------------------------------------------------------------------------------------------------- mlflow
-class Mlflow:
-    """The study's parent run and one child run per trial (None-safe when tracking is off)."""
-
-    def __init__(self, cfg: C.Config, space: Space, storage_url: str, repo: Path):
-        from harness import tracking
-
-        self.enabled = cfg.tracking.enabled
-        uri = tracking.tracking_uri(cfg)
-        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            uri = f"sqlite:///{(repo / uri[len('sqlite:///'):]).resolve()}"
-        self.uri, self.client, self.study_run = uri, None, None
-        if not self.enabled:
-            return
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(uri)
-        self.exp_id = tracking.experiment_id(self.client, cfg.tracking.experiment_name)  # tagged with its kind
-        with file_lock(repo / ".sweep" / "mlflow.lock"):
-            runs = self.client.search_runs([self.exp_id], f"tags.`harness.study` = '{space.study_name}'",
-                                           max_results=1)
-            if runs:
-                self.study_run = runs[0].info.run_id
-                self.client.update_run(self.study_run, status="RUNNING")
-            else:
-                run = self.client.create_run(self.exp_id, run_name=f"sweep-{space.study_name}",
-                                             tags={"harness.study": space.study_name, "optuna.storage": storage_url,
-                                                   "optuna.space_file": space.path})
-                self.study_run = run.info.run_id
-                self.client.log_artifact(self.study_run, space.path, "sweep")
-        self.client.set_tag(self.study_run, "optuna.objective", f"{space.metric} ({space.direction})")
-
-    def trial_run(self, key: str, name: str, cfg: C.Config, number: int, sampled: dict) -> str | None:
-        if not self.enabled:
-            return None
-        from harness import tracking
-
-        run = self.client.create_run(self.exp_id, run_name=name, tags={
-            tracking.PARENT_TAG: key, "mlflow.parentRunId": self.study_run, "optuna.trial_number": str(number),
-            "optuna.state": "RUNNING", "optuna.params": json.dumps(sampled)})
-        tracking._log_params(self.client, run.info.run_id, cfg)
-        return run.info.run_id
-
-    def log_eval(self, run_id: str | None, t: int, metrics: dict) -> None:
-        """Eval metrics of iteration t, unless the evaluate stage ran (then it logged them itself)."""
-        if not run_id:
-            return
-        from mlflow.entities import Metric
-
-        have = {m.step for m in self.client.get_metric_history(run_id, "eval/oracle_reward")} | {
-            m.step for m in self.client.get_metric_history(run_id, "eval/val_loss")}
-        if t in have:
-            return
-        ts = int(time.time() * 1000)
-        rows = [Metric(k, float(v), ts, t) for k, v in metrics.items() if k.startswith("eval/") and v is not None]
-        self.client.log_batch(run_id, metrics=rows)
-
-    def finish(self, run_id: str | None, state: str, tags: dict, value: float | None) -> None:
-        if not run_id:
-            return
-        for k, v in {"optuna.state": state, **tags}.items():
-            self.client.set_tag(run_id, k, str(v))
-        if value is not None:
-            self.client.log_metric(run_id, "objective", value)
-        status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(state, "FAILED")
-        self.client.set_terminated(run_id, status)
-
-
 # ----------------------------------------------------------------------------------------------------- trial
 @dataclass
 class Context:
@@ -193,7 +111,7 @@ def run_trial(ctx: Context, trial) -> float:
 
     sp = ctx.space
     sampled = {p.key: p.suggest(trial) for p in sp.params}
-    cfg = C.load(ctx.base, [*sp.overrides, *(override(k, v) for k, v in sampled.items())], warn=None)
+    cfg = config.load(ctx.base, [*sp.overrides, *(override(k, v) for k, v in sampled.items())], warn=None)
     name = f"{sp.study_name}-t{trial.number}"
     wt = ctx.repo / ".sweep" / sp.study_name / f"t{trial.number}"
     log = ctx.repo / ".sweep" / sp.study_name / f"t{trial.number}.log"
@@ -212,12 +130,12 @@ def run_trial(ctx: Context, trial) -> float:
             _sh(["git", "worktree", "add", "-q", "--detach", str(wt), "HEAD"], ctx.repo)
         from harness import pipeline
 
-        (wt / "params.yaml").write_text(C.dump(cfg), encoding="utf-8")
+        (wt / "params.yaml").write_text(config.dump(cfg), encoding="utf-8")
         (wt / "dvc.yaml").write_text(pipeline.render(cfg), encoding="utf-8")
         dvc = _bin("dvc")
         _sh([dvc, "cache", "dir", "--local", ctx.cache_dir], wt)
         root = wt / (cfg.exp_manager.explicit_log_dir or "runs")
-        iters = C.self_rewarding_iterations(cfg)
+        iters = config.self_rewarding_iterations(cfg)
         target = iters[-1] if sp.iteration is None else sp.iteration
         if target not in iters:
             raise TrialFailed(f"objective.iteration={target} is not a self-rewarding iteration ({iters})")
@@ -259,25 +177,25 @@ def run_trial(ctx: Context, trial) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------- study
-def _fail_dead_trials(study) -> None:
-    """Trials left RUNNING by a killed worker on this host are marked FAIL (they would count toward n_trials)."""
-    import optuna
+@contextlib.contextmanager
+def heartbeat(storage, trial_id: int):
+    """Records the trial's RDB heartbeat every HEARTBEAT_INTERVAL_S while the block runs (Study.optimize does this
+    itself; the sweep asks and tells under a file lock to cap n_trials, so it keeps the heartbeat here)."""
+    stop = threading.Event()
 
-    host = socket.gethostname()
-    for tr in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        h, _, pid = str(tr.user_attrs.get("host_pid", "")).partition(":")
-        if h == host and pid.isdigit() and not _alive(int(pid)):
-            study._storage.set_trial_state_values(tr._trial_id, optuna.trial.TrialState.FAIL)
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(storage.get_heartbeat_interval()):
+                return
 
-
-def _alive(pid: int) -> bool:
+    th = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    th.start()
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        yield
+    finally:
+        stop.set()
+        th.join()
 
 
 def sweep(space_file: str, base: str | None, overrides: list[str] = (), *, n_trials: int | None = None,
@@ -294,12 +212,13 @@ def sweep(space_file: str, base: str | None, overrides: list[str] = (), *, n_tri
     space.metric, space.direction = space.objective(cfg)
     repo = _repo_root(cwd or Path.cwd())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = _storage_url(space, repo)
+    url = project_sqlite(space.storage, repo)
     lock = _lock_path(url, repo)
     with file_lock(lock):  # two workers starting together would both create the schema
         kw = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        study = optuna.create_study(study_name=space.study_name,
-                                    storage=optuna.storages.RDBStorage(url, engine_kwargs=kw),
+        rdb = optuna.storages.RDBStorage(url, engine_kwargs=kw, heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                                         grace_period=GRACE_PERIOD_S)
+        study = optuna.create_study(study_name=space.study_name, storage=rdb,
                                     direction=space.direction, sampler=make_sampler(space, worker_index),
                                     pruner=make_pruner(space), load_if_exists=True)
     if study.direction.name.lower() != space.direction:
@@ -308,7 +227,8 @@ def sweep(space_file: str, base: str | None, overrides: list[str] = (), *, n_tri
     study.set_user_attr("objective", space.metric)
     ctx = Context(repo=repo, space=space, base=base, cache_dir=_cache_dir(repo), metric=space.metric,
                   direction=space.direction, mlflow=Mlflow(cfg, space, url, repo), keep_worktrees=keep_worktrees)
-    _fail_dead_trials(study)
+    with _quiet_experimental():  # trials of dead workers would count toward n_trials
+        optuna.storages.fail_stale_trials(study)
     deadline = time.monotonic() + space.timeout if space.timeout else None
     print(f"[sweep {space.study_name}] {url}: {space.n_trials} trials, {space.n_jobs} at a time, objective "
           f"{space.metric} ({space.direction})", flush=True)
@@ -318,9 +238,12 @@ def sweep(space_file: str, base: str | None, overrides: list[str] = (), *, n_tri
             with file_lock(lock):  # count and ask atomically: never more than n_trials
                 if len(study.get_trials(deepcopy=False)) >= space.n_trials:
                     return
-                trial = study.ask()
+                with _quiet_experimental():  # "heartbeat is supposed to be used with Study.optimize": kept below
+                    trial = study.ask()
             try:
-                study.tell(trial, run_trial(ctx, trial))
+                with heartbeat(rdb, trial._trial_id):
+                    value = run_trial(ctx, trial)
+                study.tell(trial, value)
             except optuna.TrialPruned:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             except Exception as e:  # a failed trial is recorded and the study goes on

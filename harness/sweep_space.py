@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from harness import config as C
+from harness import config
 from harness.io import DataError, read_text
 
 DISTRIBUTIONS = ("float", "int", "categorical")
@@ -28,7 +28,7 @@ SPACE_KEYS = ("study_name", "storage", "n_trials", "timeout", "n_jobs", "seed", 
 X = "x"  # the placeholder in a per-iteration template: [0, 0, x]
 
 
-class SweepError(C.ConfigError):
+class SweepError(config.ConfigError):
     """A bad search-space file or a sweep that cannot start; the message names the file and key."""
 
 
@@ -74,7 +74,7 @@ class Space:
     overrides: list[str] = field(default_factory=list)
     params: list[Param] = field(default_factory=list)
 
-    def objective(self, cfg: C.Config) -> tuple[str, str]:
+    def objective(self, cfg: config.Config) -> tuple[str, str]:
         oracle = cfg.model.data.train_ds.file_path is None  # the embedded task world has an oracle
         metric = self.metric or ("eval/win_rate_vs_m1" if oracle else "eval/val_loss")
         direction = self.direction or ("minimize" if metric.endswith("loss") else "maximize")
@@ -85,7 +85,7 @@ def _err(path: str, key: str, msg: str) -> SweepError:
     return SweepError(f"{path}: {key}: {msg}")
 
 
-def load_space(path: str | Path, base: str | None, overrides: list[str] = ()) -> tuple[Space, C.Config]:
+def load_space(path: str | Path, base: str | None, overrides: list[str] = ()) -> tuple[Space, config.Config]:
     """Parse and fully validate a space file before any trial runs: every key, distribution and range, and the
     config at each distribution's bounds (so a range the schema refuses, e.g. meta_judge_pcnt up to 2, fails now)."""
     p = str(path)
@@ -142,11 +142,11 @@ def load_space(path: str | Path, base: str | None, overrides: list[str] = ()) ->
     params = get(raw, "params", (dict,), None)
     if not isinstance(params, dict) or not params:
         raise _err(p, "params", "expected a mapping of config keys to distributions")
-    valid = set(C.all_keys())
+    valid = set(config.all_keys())
     for key, spec in params.items():
         where = f"params.{key}"
         if key not in valid:
-            raise _err(p, where, f"unknown config key; did you mean {C._closest(key, sorted(valid))}?")
+            raise _err(p, where, f"unknown config key; did you mean {config.closest(key, sorted(valid))}?")
         if not isinstance(spec, dict):
             raise _err(p, where, "expected a mapping like {type: float, low: 0.01, high: 0.5}")
         allowed = {"type", "low", "high", "log", "step", "choices", "template"}
@@ -179,8 +179,8 @@ def load_space(path: str | Path, base: str | None, overrides: list[str] = ()) ->
     # then each other bound with only that param moved, so a refusal names the param whose value caused it.
     first = {prm.key: override(prm.key, prm.value(bounds[0])) for prm, bounds in space.params}
     try:
-        cfg = C.load(base, [*space.overrides, *first.values()], warn=None)
-    except C.ConfigError as e:
+        cfg = config.load(base, [*space.overrides, *first.values()], warn=None)
+    except config.ConfigError as e:
         key = next((k for k in first if re.match(rf"{re.escape(k)}\b", str(e))), None)
         where = f"params.{key}" if key else "overrides" if space.overrides else "params"
         raise _err(p, where, f"{first[key] if key else ', '.join(first.values())} is refused by the config: {e}"
@@ -188,21 +188,21 @@ def load_space(path: str | Path, base: str | None, overrides: list[str] = ()) ->
     for prm, bounds in space.params:
         for b in bounds[1:]:
             try:
-                C.load(base, [*space.overrides, *{**first, prm.key: override(prm.key, prm.value(b))}.values()],
+                config.load(base, [*space.overrides, *{**first, prm.key: override(prm.key, prm.value(b))}.values()],
                        warn=None)
-            except C.ConfigError as e:
+            except config.ConfigError as e:
                 raise _err(p, f"params.{prm.key}", f"value {b!r} is refused by the config: {e}") from None
     space.params = [prm for prm, _ in space.params]
     _check_objective(space, cfg)
     return space, cfg
 
 
-def _check_objective(space: Space, cfg: C.Config) -> None:
+def _check_objective(space: Space, cfg: config.Config) -> None:
     """The objective's metric and iteration, before any trial: a typo must not cost a trial."""
     from harness.evaluate import eval_metrics
 
     metric, _ = space.objective(cfg)
-    iters = C.self_rewarding_iterations(cfg)
+    iters = config.self_rewarding_iterations(cfg)
     if space.iteration is not None and space.iteration not in iters:
         raise _err(space.path, "objective.iteration", f"{space.iteration} is not a self-rewarding iteration of this "
                    f"config (they are {', '.join(map(str, iters))})")
@@ -210,7 +210,7 @@ def _check_objective(space: Space, cfg: C.Config) -> None:
         names = eval_metrics(cfg, t)
         if metric not in names:
             raise _err(space.path, "objective.metric", f"{metric!r} is not written by `harness evaluate` at iteration "
-                       f"{t} for this config{C._closest(metric, sorted(names))} (it writes: {', '.join(sorted(names))})")
+                       f"{t} for this config{config.closest(metric, sorted(names))} (it writes: {', '.join(sorted(names))})")
 
 
 def _check_args(path: str, what: str, spec: dict, build) -> None:
@@ -246,7 +246,7 @@ def _check_args(path: str, what: str, spec: dict, build) -> None:
 
 
 def override(key: str, value) -> str:
-    """A Hydra-style `key=value` that C.load parses back to exactly `value` (floats by repr, lists as [a,b])."""
+    """A Hydra-style `key=value` that config.load parses back to exactly `value` (floats by repr, lists as [a,b])."""
     def fmt(v) -> str:
         if isinstance(v, bool):
             return str(v).lower()
@@ -279,3 +279,11 @@ def make_pruner(space: Space):
     if name == "threshold":
         return optuna.pruners.ThresholdPruner(**kw)
     return optuna.pruners.NopPruner()
+
+
+def project_sqlite(url: str, repo: Path) -> str:
+    """A relative sqlite URL (sqlite:///x.db) made absolute under the project, not the cwd: every worker and every
+    trial worktree then opens the same file. Other URLs are returned as they are."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        return f"sqlite:///{(repo / url[len('sqlite:///'):]).resolve()}"
+    return url

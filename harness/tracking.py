@@ -19,12 +19,12 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from harness import config as C
+from harness import config
 
 PARENT_TAG, ITER_TAG = "harness.pipeline_key", "harness.iteration"
 
 
-def tracking_uri(cfg: C.Config) -> str:
+def tracking_uri(cfg: config.Config) -> str:
     return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
@@ -40,11 +40,11 @@ def git_info() -> dict:
     return {"git_commit": commit or "none", "git_dirty": str(dirty).lower()}
 
 
-def pipeline_key(cfg: C.Config) -> str:
+def pipeline_key(cfg: config.Config) -> str:
     explicit = os.environ.get("HARNESS_PIPELINE_KEY")  # sweeps give each trial its own key
     if explicit:
         return explicit
-    return hashlib.sha256(f"{C.params_hash(cfg)}:{git_info()['git_commit']}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{config.params_hash(cfg)}:{git_info()['git_commit']}".encode()).hexdigest()[:16]
 
 
 class Tracker:
@@ -88,13 +88,13 @@ class Tracker:
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        from harness.data import sft as S
+        from harness.data import sft
 
         path = Path(path)
         if not path.is_file():
             return
-        rows = [{"id": str(r.get("id", i)), "prompt": S.user_text(r), "gold": S.gold_response(r) or ""}
-                for i, r in enumerate(S.read_sft(path))]
+        rows = [{"id": str(r.get("id", i)), "prompt": sft.user_text(r), "gold": sft.gold_response(r) or ""}
+                for i, r in enumerate(sft.read_sft(path))]
         with warnings.catch_warnings():  # MLflow registers the local source twice ("" and file:) and says so
             warnings.simplefilter("ignore")
             ds = mlflow.data.from_pandas(pd.DataFrame(rows, columns=["id", "prompt", "gold"]),
@@ -160,7 +160,7 @@ class Deferred:
         self.calls.clear()
 
 
-def _attach(cfg: C.Config, stage: str, iteration: int | None) -> tuple[Tracker, str, str]:
+def _attach(cfg: config.Config, stage: str, iteration: int | None) -> tuple[Tracker, str, str]:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri(cfg))
@@ -169,7 +169,7 @@ def _attach(cfg: C.Config, stage: str, iteration: int | None) -> tuple[Tracker, 
     parent_id, created = _find_or_create(client, exp_id, f"tags.`{PARENT_TAG}` = '{key}'",
                                          {PARENT_TAG: key}, cfg.exp_manager.name)
     if created:
-        _log_params(client, parent_id, cfg)
+        log_params(client, parent_id, cfg)
     run_id = parent_id
     if iteration is not None:
         run_id, created_child = _find_or_create(
@@ -177,7 +177,7 @@ def _attach(cfg: C.Config, stage: str, iteration: int | None) -> tuple[Tracker, 
             {ITER_TAG: str(iteration), "mlflow.parentRunId": parent_id},
             f"iteration-{iteration}")
         if created_child:
-            _log_params(client, run_id, cfg)
+            log_params(client, run_id, cfg)
     tracker = Tracker(client, run_id, parent_id)
     tracker.set_tags({"harness.last_stage": stage, "dvc_experiment": os.environ.get("DVC_EXP_NAME", "workspace")},
                      parent=True)
@@ -185,7 +185,7 @@ def _attach(cfg: C.Config, stage: str, iteration: int | None) -> tuple[Tracker, 
 
 
 @contextlib.contextmanager
-def stage_run(cfg: C.Config, stage: str, iteration: int | None = None, *, finish_parent: bool = False
+def stage_run(cfg: config.Config, stage: str, iteration: int | None = None, *, finish_parent: bool = False
               ) -> Iterator[Deferred | None]:
     """Attach this stage to the pipeline's parent run (and the iteration's child) when its work is done, and log
     what it recorded; on any error, attach and mark both runs FAILED."""
@@ -213,16 +213,17 @@ def stage_run(cfg: C.Config, stage: str, iteration: int | None = None, *, finish
             tracker.client.set_terminated(parent_id, "FINISHED")
 
 
-def _log_params(client, run_id: str, cfg: C.Config) -> None:
+def log_params(client, run_id: str, cfg: config.Config) -> None:
+    """Every config key as an MLflow param, plus git, params_hash and environment tags (sweep trials use it too)."""
     from mlflow.entities import Param
 
     from harness.determinism import fingerprint
 
-    flat = C.flatten(C.to_dict(cfg))
+    flat = config.flatten(config.to_dict(cfg))
     params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in flat.items()]
     for i in range(0, len(params), 90):  # MLflow caps a batch at 100 params
         client.log_batch(run_id, params=params[i:i + 90])
-    tags = {**git_info(), "params_hash": C.params_hash(cfg)}
+    tags = {**git_info(), "params_hash": config.params_hash(cfg)}
     tags.update({f"env.{k}": str(v) for k, v in fingerprint().items()})
     _set_tags(client, run_id, tags)
 

@@ -14,23 +14,21 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from harness import config as C
-from harness import parallel as P
+from harness import config, parallel
+from harness.batches import Encoded, collate, encode, pair_logps
 from harness.determinism import derive_seed
 from harness.io import DataError, atomic_path, read_json
 from harness.losses import (
     consistency_regularized_loss,
     implicit_rewards,
     preference_loss,
-    sequence_logps,
     sft_loss,
 )
-from harness.packing import pack, packed_logps, plan, token_logps
+from harness.packing import pack, packed_logps, plan
 from harness.progress import progress
 
 
@@ -38,38 +36,7 @@ class Diverged(DataError):
     """Training reached a non-finite loss, gradient or weight (a learning rate too large for the data, usually)."""
 
 
-@dataclass
-class Encoded:
-    ids: list[int]
-    mask: list[int]  # 1 on response tokens (incl. EOS), 0 on the prompt
-
-    @property
-    def response_len(self) -> int:
-        return sum(self.mask)
-
-
-def encode(tokenizer, prompt: str, response: str, max_len: int) -> Encoded:
-    """Prompt and response tokenized apart (as generation sees them), EOS appended; the prompt is cut from the left."""
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    r = r[: max_len - 1]
-    p = p[-(max_len - len(r)):]
-    return Encoded(p + r, [0] * len(p) + [1] * len(r))
-
-
-def collate(seqs: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n = max(len(s.ids) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), n), dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.float32)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s.ids)] = torch.tensor(s.ids)
-        attn[i, : len(s.ids)] = 1
-        mask[i, : len(s.ids)] = torch.tensor(s.mask, dtype=torch.float32)
-    return P.to_device(ids, attn, mask)
-
-
-def lr_at(step: int, total: int, lr: float, sched: C.Sched) -> float:
+def lr_at(step: int, total: int, lr: float, sched: config.Sched) -> float:
     """NeMo's CosineAnnealing: linear warm-up, cosine from lr to min_lr, then constant_steps at min_lr."""
     if sched.name == "constant":
         return lr
@@ -82,72 +49,6 @@ def lr_at(step: int, total: int, lr: float, sched: C.Sched) -> float:
 
 def _logits(model, ids, attn) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=attn).logits
-
-
-# ----------------------------------------------------------------------------------------------------- shared prompts
-def pack_pairs(ch, rj, pad_id: int, dtype=torch.float32):
-    """One row per pair: [prompt, chosen response, rejected response]; the rejected response attends to the prompt
-    and itself only, at the positions it has in its own sequence, so each response's log-probs are those of the
-    unpacked (prompt + response) sequence while the shared prompt is computed once. None when a pair's prompts
-    differ (left-truncation cut them differently) or a prompt is empty (its first response token is not scored)."""
-    spans = []
-    for c, r in zip(ch, rj):
-        lp, lpr = c.mask.index(1), r.mask.index(1)
-        if lp == 0 or c.ids[:lp] != r.ids[:lpr]:
-            return None
-        spans.append((lp, len(c.ids) - lp, len(r.ids) - lpr))
-    b_n, t_n = len(spans), max(sum(s) for s in spans)
-    tc, tr = max(s[1] for s in spans), max(s[2] for s in spans)
-    ids = torch.full((b_n, t_n), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((b_n, t_n), dtype=torch.long)
-    allowed = torch.eye(t_n, dtype=torch.bool).repeat(b_n, 1, 1)  # padding rows see themselves: no empty softmax
-    idx = {k: torch.zeros((b_n, n), dtype=torch.long) for k, n in (("cp", tc), ("ct", tc), ("rp", tr), ("rt", tr))}
-    cm, rm = torch.zeros((b_n, tc), dtype=torch.bool), torch.zeros((b_n, tr), dtype=torch.bool)
-    for b, ((lp, lc, lr), c, r) in enumerate(zip(spans, ch, rj)):
-        n = lp + lc + lr
-        ids[b, :n] = torch.tensor(c.ids + r.ids[lp:])
-        position_ids[b, :n] = torch.cat([torch.arange(lp + lc), torch.arange(lp, lp + lr)])
-        causal = torch.ones((n, n), dtype=torch.bool).tril()
-        causal[lp + lc:, lp:lp + lc] = False  # the rejected response never sees the chosen one
-        allowed[b, :n, :n] = causal
-        idx["cp"][b, :lc] = torch.arange(lp - 1, lp - 1 + lc)  # logits at t predict token t + 1
-        idx["ct"][b, :lc] = ids[b, lp:lp + lc]
-        idx["rp"][b, :lr] = torch.cat([torch.tensor([lp - 1]), torch.arange(lp + lc, lp + lc + lr - 1)])
-        idx["rt"][b, :lr] = ids[b, lp + lc:n]
-        cm[b, :lc], rm[b, :lr] = True, True
-    mask = torch.zeros((b_n, 1, t_n, t_n), dtype=dtype).masked_fill(~allowed.unsqueeze(1), torch.finfo(dtype).min)
-    return P.to_device(ids, position_ids, mask, (idx["cp"], idx["ct"], cm), (idx["rp"], idx["rt"], rm))
-
-
-def _packed_pair_logps(model, ids, pos, amask, c, r):
-    """Summed log-probs of the chosen and rejected responses of packed rows, and their token counts; the LM head
-    runs only on the positions that predict a response token (harness.packing.token_logps)."""
-    n, t_n = ids.shape
-    rows = torch.arange(n, device=ids.device)[:, None]
-    flat = [((rows * t_n + p)[m], t[m], rows.expand_as(p)[m] + k * n) for k, (p, t, m) in enumerate((c, r))]
-    lp = token_logps(model, ids, amask, pos, torch.cat([f[0] for f in flat]), torch.cat([f[1] for f in flat]))
-    total = torch.zeros(2 * n, dtype=lp.dtype, device=lp.device).index_add(0, torch.cat([f[2] for f in flat]), lp)
-    return total[:n], total[n:], c[2].sum(1).to(lp.dtype), r[2].sum(1).to(lp.dtype)
-
-
-def pair_logps(model, ch: list[Encoded], rj: list[Encoded], pad_id: int, average: bool,
-               sft_average: bool | None = None):
-    """(chosen logps, rejected logps, chosen logps for the SFT term or None, chosen and rejected lengths) of a
-    micro-batch of pairs: packed (the prompt computed once per pair) when possible, else one padded batch."""
-    packed = pack_pairs(ch, rj, pad_id, next(model.parameters()).dtype)
-    if packed is not None:
-        sc, sr, nc, nr = _packed_pair_logps(model, *packed)
-        lc, lr = (sc / nc.clamp(min=1), sr / nr.clamp(min=1)) if average else (sc, sr)
-        sft = None if sft_average is None else lc if sft_average == average else (
-            sc / nc.clamp(min=1) if sft_average else sc)
-        return lc, lr, sft, nc, nr
-    n = len(ch)
-    ids, attn, mask = collate(ch + rj, pad_id)
-    logits = _logits(model, ids, attn)
-    logps = sequence_logps(logits, ids, mask, average=average)
-    sft = None if sft_average is None else logps[:n] if sft_average == average else sequence_logps(
-        logits[:n], ids[:n], mask[:n], average=sft_average)
-    return logps[:n], logps[n:], sft, mask[:n].sum(1), mask[n:].sum(1)
 
 
 # ----------------------------------------------------------------------------------------------------- resume state
@@ -199,7 +100,7 @@ class History(list):
         return f"resumed from step {self.resumed_from} of {self.total_steps} ({self.resume_dir})"
 
 
-def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, epochs: int, iteration: int,
+def _run(policy, n_items: int, step_fn: Callable, cfg: config.Config, *, lr: float, epochs: int, iteration: int,
          shuffle: bool, resume_dir: Path | None, val_fn: Callable | None, extra_state: dict | None = None,
          phase: str = "train", max_steps: int = -1, keep_batches: bool = False, key: str = "",
          micro_batches: Callable | None = None) -> History:
@@ -215,7 +116,7 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
     steps_per_epoch = max(1, math.ceil(math.ceil(n_items / gbs) * sr.limit_train_batches))
     total = epochs * steps_per_epoch if max_steps == -1 else min(max_steps, epochs * steps_per_epoch)
     val_every = max(1, round(total * sr.val_check_interval)) if sr.val_check_interval < 1 else int(sr.val_check_interval)
-    opt = P.optimizer(model, lr=lr, betas=tuple(m.optim.betas), eps=m.optim.eps, weight_decay=m.optim.weight_decay)
+    opt = parallel.optimizer(model, lr=lr, betas=tuple(m.optim.betas), eps=m.optim.eps, weight_decay=m.optim.weight_decay)
     start, history, resumed = 0, [], None
     if resume_dir is not None and _saved_key(resume_dir) == key:  # else: written for other inputs, ignored
         start, history, saved = _load_state(resume_dir, model, opt)
@@ -243,7 +144,7 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
             group["lr"] = lr_at(step, total, lr, m.optim.sched)
         opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        mine = P.shard(batch)  # this data-parallel rank's part of the global batch (all of it with one rank)
+        mine = parallel.shard(batch)  # this data-parallel rank's part of the global batch (all of it with one rank)
         micro = micro_batches(mine) if micro_batches else [mine[i:i + mbs] for i in range(0, len(mine), mbs)]
         for mb in micro:
             with policy.autocast():  # forward only: backward follows the forward's dtypes
@@ -260,7 +161,7 @@ def _run(policy, n_items: int, step_fn: Callable, cfg: C.Config, *, lr: float, e
                 raise
             _check_finite(phase, step, total, lr, {"step size": float("inf")})
         row = {"step": step + 1, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
-        row.update({name: v / len(batch) for name, v in P.all_sum(sums).items()})
+        row.update({name: v / len(batch) for name, v in parallel.all_sum(sums).items()})
         # Both summed over ranks, so every rank stops together, before anything is saved.
         _check_finite(phase, step, total, lr, {"loss": row.get("train/loss", 0.0), "gradient norm": row["grad_norm"]})
         history.append(row)
@@ -301,7 +202,7 @@ def _check_finite(phase: str, step: int, total: int, lr: float, values: dict[str
                        "no model was written")
 
 
-def val_sft(policy, val: list[Encoded], cfg: C.Config) -> Callable:
+def val_sft(policy, val: list[Encoded], cfg: config.Config) -> Callable:
     """Mean token NLL of gold answers on the validation set: val/loss."""
     n = math.ceil(len(val) * cfg.trainer.self_rewarding.limit_val_batches)  # limit_val_batches=0: no validation
 
@@ -318,7 +219,7 @@ def val_sft(policy, val: list[Encoded], cfg: C.Config) -> Callable:
     return fn if n else None
 
 
-def train_sft(policy, examples: list[tuple[str, str]], cfg: C.Config, *, validation: list[tuple[str, str]] = (),
+def train_sft(policy, examples: list[tuple[str, str]], cfg: config.Config, *, validation: list[tuple[str, str]] = (),
               iteration: int = 0, resume_dir: Path | None = None, packed: bool = True) -> History:
     """Iteration 0: NLL of (prompt, response) examples (gold answers and judge targets), the mean over each global
     batch of every example's token-averaged NLL.
@@ -328,9 +229,9 @@ def train_sft(policy, examples: list[tuple[str, str]], cfg: C.Config, *, validat
     per forward: the same loss as padded micro-batches of micro_batch_size examples (packed=False), without their
     padding and repeated prefixes.
     """
-    max_len = C.seq_len(cfg, cfg.model.data.sft_ds)
+    max_len = config.seq_len(cfg, cfg.model.data.sft_ds)
     enc = [encode(policy.tokenizer, p, r, max_len) for p, r in examples]
-    val = [encode(policy.tokenizer, p, r, C.seq_len(cfg, cfg.model.data.validation_ds)) for p, r in validation]
+    val = [encode(policy.tokenizer, p, r, config.seq_len(cfg, cfg.model.data.validation_ds)) for p, r in validation]
     pad, mbs = policy.tokenizer.pad_token_id, cfg.model.micro_batch_size
 
     def rows_of(batch: list[int]) -> list[list[list[list[int]]]]:
@@ -340,7 +241,7 @@ def train_sft(policy, examples: list[tuple[str, str]], cfg: C.Config, *, validat
         return [rows[i:i + mbs] for i in range(0, len(rows), mbs)]
 
     def packed_step(rows: list[list[list[int]]], batch_size: int):
-        packed = pack(enc, rows, pad, next(policy.model.parameters()).dtype, device=P.current().device)
+        packed = pack(enc, rows, pad, next(policy.model.parameters()).dtype, device=parallel.current().device)
         nll = -packed_logps(policy.model, packed, average=True)
         return nll.sum() / batch_size, {"train/loss": float(nll.detach().sum())}
 
@@ -355,7 +256,7 @@ def train_sft(policy, examples: list[tuple[str, str]], cfg: C.Config, *, validat
                 epochs=cfg.model.sft.max_epochs, iteration=iteration,
                 shuffle=cfg.model.data.sft_ds.shuffle, resume_dir=resume_dir,
                 val_fn=val_sft(policy, val, cfg), phase="sft", micro_batches=rows_of if packed else None,
-                key=resume_key(examples, C.to_dict(cfg), iteration, policy.model, packed))
+                key=resume_key(examples, config.to_dict(cfg), iteration, policy.model, packed))
 
 
 def reference_logps(policy, ch: list[Encoded], rj: list[Encoded], average: bool, batch: int
@@ -402,21 +303,21 @@ def ref_cache_path(resume_dir: Path) -> Path:
     return resume_dir.with_name(resume_dir.name + ".ref_logps.safetensors")
 
 
-def train_dpo(policy, pairs: list[dict], cfg: C.Config, *, iteration: int, validation: list[tuple[str, str]] = (),
+def train_dpo(policy, pairs: list[dict], cfg: config.Config, *, iteration: int, validation: list[tuple[str, str]] = (),
               resume_dir: Path | None = None) -> History:
     """One self-rewarding iteration: preference loss on {prompt, chosen, rejected, chosen_score, rejected_score}.
 
     The reference is the policy as loaded (M_t); its log-probs are computed once and cached on disk next to the
     resume state, so no second model is ever in memory and a resumed stage does not recompute them.
     """
-    spin, max_len = cfg.model.spin, C.seq_len(cfg, cfg.model.data.train_ds)
-    beta = C.schedule(spin.ref_policy_kl_penalty, iteration)
-    avg, sft_avg = spin.preference_average_log_probs, C.sft_average_log_probs(spin)
+    spin, max_len = cfg.model.spin, config.seq_len(cfg, cfg.model.data.train_ds)
+    beta = config.schedule(spin.ref_policy_kl_penalty, iteration)
+    avg, sft_avg = spin.preference_average_log_probs, config.sft_average_log_probs(spin)
     tok, pad = policy.tokenizer, policy.tokenizer.pad_token_id
     ch = [encode(tok, p["prompt"], p["chosen"], max_len) for p in pairs]
     rj = [encode(tok, p["prompt"], p["rejected"], max_len) for p in pairs]
-    val = [encode(tok, p, r, C.seq_len(cfg, cfg.model.data.validation_ds)) for p, r in validation]
-    key = resume_key(pairs, C.to_dict(cfg), iteration, policy.model)
+    val = [encode(tok, p, r, config.seq_len(cfg, cfg.model.data.validation_ds)) for p, r in validation]
+    key = resume_key(pairs, config.to_dict(cfg), iteration, policy.model)
     state: dict[str, torch.Tensor] = {}
     cache = ref_cache_path(resume_dir) if resume_dir is not None else None
     if cache is not None and cache.exists():  # computed before a crash, for these very inputs
@@ -434,11 +335,11 @@ def train_dpo(policy, pairs: list[dict], cfg: C.Config, *, iteration: int, valid
             with atomic_path(cache) as tmp:
                 save_file(state, str(tmp), metadata={"key": key})
     scores = torch.tensor([[p["chosen_score"], p["rejected_score"]] for p in pairs], dtype=torch.float32,
-                          device=P.current().device)
+                          device=parallel.current().device)
     # CREAM: pairs carry a consistency rate (judge pairs and plain runs do not: 1, the unregularized loss)
     cream = any("consistency" in p for p in pairs)
     consistency = torch.tensor([p.get("consistency", 1.0) for p in pairs], dtype=torch.float32,
-                               device=P.current().device)
+                               device=parallel.current().device)
 
     def step_fn(idx: list[int], batch_size: int):
         n = len(idx)

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from harness import config as C
-from harness import parallel as P
+from harness import config, parallel
 from harness.generation.sampler import generate
-from harness.models import convert as K
+from harness.models import convert
 from harness.models.base import load_policy
 from harness.train import train_dpo
 
@@ -35,26 +34,26 @@ def batch(n_vocab: int) -> torch.Tensor:
 def main(base: str, pairs_file: str, out: str) -> None:
     torch.set_num_threads(1)
     pairs, out = json.loads(Path(pairs_file).read_text()), Path(out)
-    main_rank = P.is_main()
+    main_rank = parallel.is_main()
 
-    P.setup(C.load(None, [*OVERRIDES, "trainer.devices=2"], warn=None))
+    parallel.setup(config.load(None, [*OVERRIDES, "trainer.devices=2"], warn=None))
     policy = load_policy(base, backend="hf")
-    history = train_dpo(policy, pairs, C.load(None, [*OVERRIDES, "trainer.devices=2"], warn=None), iteration=1)
+    history = train_dpo(policy, pairs, config.load(None, [*OVERRIDES, "trainer.devices=2"], warn=None), iteration=1)
     if main_rank:
         (out / "dp_history.json").write_text(json.dumps(history))
         torch.save(policy.model.state_dict(), out / "dp_weights.pt")
 
-    cfg = C.load(None, [*OVERRIDES, "trainer.devices=2", "model.backend=mcore", "model.tensor_model_parallel_size=2",
+    cfg = config.load(None, [*OVERRIDES, "trainer.devices=2", "model.backend=mcore", "model.tensor_model_parallel_size=2",
                         "trainer.self_rewarding.max_steps=1"], warn=None)
-    P.setup(cfg)
+    parallel.setup(cfg)
     policy = load_policy(base, backend="mcore")
     with torch.no_grad():
         logits = policy.model(input_ids=batch(len(policy.tokenizer))).logits
-    sp = C.SamplingParams(use_greedy=True, end_strings=[])
-    outs = generate(policy, PROMPTS, num_samples=2, sampling_params=sp, length_params=C.LengthParams(max_length=8),
+    sp = config.SamplingParams(use_greedy=True, end_strings=[])
+    outs = generate(policy, PROMPTS, num_samples=2, sampling_params=sp, length_params=config.LengthParams(max_length=8),
                     seed_parts=[(1, i) for i in range(3)])
     history = train_dpo(policy, pairs, cfg, iteration=1)
-    weights = K.mcore_to_hf(policy.model.full_state_dict(), policy.model.spec)  # collective: every rank
+    weights = convert.mcore_to_hf(policy.model.full_state_dict(), policy.model.spec)  # collective: every rank
     if main_rank:
         torch.save({"logits": logits, "weights": weights}, out / "tp.pt")
         (out / "tp.json").write_text(json.dumps({"history": history, "generated": outs}))

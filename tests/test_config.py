@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from harness import config as C
+from harness import config
 from harness.cli import main
 
 TERMINAL = """trainer.num_nodes=1 trainer.devices=8 model.micro_batch_size=1 model.global_batch_size=64
@@ -28,7 +28,7 @@ model.spin.length_params.max_length=2048 model.data.train_ds.max_seq_length=4096
 
 
 def test_defaults_match_nemo_aligner():
-    cfg = C.Config()
+    cfg = config.Config()
     assert cfg.model.spin.num_responses_to_gen == 4 and cfg.model.spin.num_evals_to_average == 3
     assert cfg.model.spin.meta_judge_pcnt == -1.0 and cfg.model.spin.meta_max_relative_pcnt == 0.4
     assert cfg.model.optim.lr == 9e-6 and cfg.model.optim.betas == [0.9, 0.98]
@@ -38,17 +38,17 @@ def test_defaults_match_nemo_aligner():
 
 
 def test_round_trip_through_yaml(tmp_path):
-    cfg = C.load(None, ["model.spin.length_control=[0,0,0.1]", "model.optim.lr=1e-4", "seed=7"], warn=None)
+    cfg = config.load(None, ["model.spin.length_control=[0,0,0.1]", "model.optim.lr=1e-4", "seed=7"], warn=None)
     p = tmp_path / "p.yaml"
-    p.write_text(C.dump(cfg))
-    again = C.load(p, warn=None)
-    assert again == cfg and C.dump(again) == C.dump(cfg)
-    assert C.params_hash(again) == C.params_hash(cfg)
+    p.write_text(config.dump(cfg))
+    again = config.load(p, warn=None)
+    assert again == cfg and config.dump(again) == config.dump(cfg)
+    assert config.params_hash(again) == config.params_hash(cfg)
 
 
 def test_terminal_overrides_resolve():
     msgs = []
-    cfg = C.load(None, TERMINAL, warn=msgs.append)
+    cfg = config.load(None, TERMINAL, warn=msgs.append)
     assert cfg.pretrained_checkpoint.restore_from_path == "/path/to/megatron_gpt_sft.nemo"
     assert cfg.model.data.train_ds.file_path == "/data/train_sft_format.jsonl"
     assert cfg.model.data.validation_ds.file_path == "/data/valid.jsonl"
@@ -64,7 +64,7 @@ def test_terminal_overrides_resolve():
 
 
 def test_slurm_overrides_resolve_quoted_path():
-    cfg = C.load(None, SLURM, warn=None)
+    cfg = config.load(None, SLURM, warn=None)
     assert cfg.pretrained_checkpoint.restore_from_path == "/ckpt/megatron_gpt_sft.nemo"
     assert cfg.trainer.self_rewarding.max_iterations == 3
     assert (cfg.trainer.num_nodes, cfg.trainer.devices) == (4, 8)
@@ -76,25 +76,25 @@ def test_slurm_overrides_resolve_quoted_path():
     ("[a, 'b,c']", ["a", "b,c"]), ("/x/y.jsonl", "/x/y.jsonl"),
 ])
 def test_parse_value(text, expected):
-    assert C.parse_value(text) == expected
+    assert config.parse_value(text) == expected
 
 
 def test_schedules_scalar_or_per_iteration():
-    cfg = C.load(None, ["model.spin.length_control=[0,0,0.1]", "model.spin.ref_policy_kl_penalty=0.05"], warn=None)
-    assert [C.schedule(cfg.model.spin.length_control, t) for t in range(3)] == [0.0, 0.0, 0.1]
-    assert C.schedule(cfg.model.spin.ref_policy_kl_penalty, 2) == 0.05
-    with pytest.raises(C.ConfigError, match="no value for it"):
-        C.schedule([0.1, 0.2], 2)
+    cfg = config.load(None, ["model.spin.length_control=[0,0,0.1]", "model.spin.ref_policy_kl_penalty=0.05"], warn=None)
+    assert [config.schedule(cfg.model.spin.length_control, t) for t in range(3)] == [0.0, 0.0, 0.1]
+    assert config.schedule(cfg.model.spin.ref_policy_kl_penalty, 2) == 0.05
+    with pytest.raises(config.ConfigError, match="no value for it"):
+        config.schedule([0.1, 0.2], 2)
 
 
 def test_yaml_file_reads_exponent_without_dot_as_float(tmp_path):
     p = tmp_path / "p.yaml"
     p.write_text("model:\n  optim:\n    lr: 9e-6\n")
-    assert C.load(p, warn=None).model.optim.lr == 9e-6
+    assert config.load(p, warn=None).model.optim.lr == 9e-6
 
 
 def test_plus_prefixes_and_delete():
-    cfg = C.load(None, ["++model.spin.sft_loss_weight=0.5", "+model.spin.num_evals_to_average=5"], warn=None)
+    cfg = config.load(None, ["++model.spin.sft_loss_weight=0.5", "+model.spin.num_evals_to_average=5"], warn=None)
     assert cfg.model.spin.sft_loss_weight == 0.5 and cfg.model.spin.num_evals_to_average == 5
 
 
@@ -127,8 +127,8 @@ BAD = [
 
 @pytest.mark.parametrize("overrides,message", BAD)
 def test_bad_config_is_reported_with_key(overrides, message):
-    with pytest.raises(C.ConfigError, match=message):
-        C.load(None, overrides, warn=None)
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(None, overrides, warn=None)
 
 
 @pytest.mark.parametrize("overrides,message", BAD[:4])
@@ -170,7 +170,7 @@ def test_params_yaml_and_experiments_are_valid():
 
             load_spec(f)
             continue
-        C.load(f, warn=None)
+        config.load(f, warn=None)
     assert len(files) >= 4
 
 
@@ -179,7 +179,7 @@ def test_readme_table_lists_every_key_with_meaning_and_default():
 
     from harness.config_keys import MEANING, markdown_table
 
-    assert set(MEANING) == set(C.all_keys())
+    assert set(MEANING) == set(config.all_keys())
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     assert markdown_table() in readme, "README's key table is stale: regenerate it with `harness config keys`"
 
@@ -197,7 +197,7 @@ def test_log_dir_follows_exp_manager():
 
     from harness.layout import log_dir
 
-    assert log_dir(C.Config()) == Path("runs")
-    assert log_dir(C.load(None, ["exp_manager.exp_dir=/exp", "exp_manager.name=sr"], warn=None)) == Path("/exp/sr")
+    assert log_dir(config.Config()) == Path("runs")
+    assert log_dir(config.load(None, ["exp_manager.exp_dir=/exp", "exp_manager.name=sr"], warn=None)) == Path("/exp/sr")
     both = ["exp_manager.exp_dir=/exp", "exp_manager.explicit_log_dir=/results"]
-    assert log_dir(C.load(None, both, warn=None)) == Path("/results")  # NeMo: explicit_log_dir wins
+    assert log_dir(config.load(None, both, warn=None)) == Path("/results")  # NeMo: explicit_log_dir wins

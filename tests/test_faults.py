@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import config as C
-from harness import io
+from harness import config, io
 from harness.cli import main
 from harness.io import file_hash
 
@@ -254,7 +253,7 @@ def test_non_finite_weights_stop_training_before_anything_is_saved(good):
     policy = load_policy(good / "runs/iter0/model")
     policy.model.register_parameter("unused", torch.nn.Parameter(torch.full((2,), float("inf"))))
     with pytest.raises(Diverged, match=r"sft step 1 of 1: weight unused inf: training diverged \(model\.sft\.lr="):
-        train_sft(policy, [("Q: 1 2", "1 2")], C.load(good / "fast.yaml", warn=None))
+        train_sft(policy, [("Q: 1 2", "1 2")], config.load(good / "fast.yaml", warn=None))
 
 
 # ----------------------------------------------------------------------------------------------------- not errors
@@ -271,7 +270,7 @@ def test_prompt_longer_than_the_context_is_cut_from_the_left_and_counted(good, p
     assert strict_json((proj / "runs/iter1/generate_metrics.json").read_text())["generate/truncated_prompts"] == 1
 
     policy = load_policy(good / "runs/iter0/model")
-    cfg = C.load(good / "fast.yaml", warn=None)
+    cfg = config.load(good / "fast.yaml", warn=None)
     lp, sp = cfg.model.spin.length_params, cfg.model.spin.sampling_params
     ids = policy.tokenizer("x " * 2000, add_special_tokens=False)["input_ids"]
     room = context_length(policy.model) - lp.max_length
@@ -309,7 +308,7 @@ def test_judge_pairwise_accuracy_undefined_only_when_nothing_parses():
 def test_eval_metrics_lists_what_evaluate_writes(good):
     from harness.evaluate import eval_metrics
 
-    cfg = C.load(good / "fast.yaml", warn=None)
+    cfg = config.load(good / "fast.yaml", warn=None)
     for t in (0, 1):
         written = {k for k in strict_json((good / f"runs/iter{t}/eval.json").read_text()) if k.startswith("eval/")}
         assert written == eval_metrics(cfg, t)

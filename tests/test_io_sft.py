@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from harness import config as C
+from harness import config
 from harness.data import sft
 from harness.io import DataError, atomic_path, read_jsonl, tree_hash, write_jsonl
 
@@ -38,11 +38,11 @@ def test_prompt_turns_gold_and_nemo_rendering():
     rec = RECORDS[0]
     assert sft.gold_response(rec) == "Ответ: да 🙂"
     assert sft.user_text(rec) == "和 「逆」? ✓ — ümlaut"
-    text = sft.render_prompt(rec, C.Data())
+    text = sft.render_prompt(rec, config.Data())
     assert text == ("<extra_id_0>System\nYou are terse.\n<extra_id_1>User\nTrier ces nombres : 3, 1, 2\n"
                     "<extra_id_1>Assistant\n<extra_id_2>quality:4\n1, 2, 3\n<extra_id_1>User\n和 「逆」? ✓ — ümlaut\n"
                     "<extra_id_1>Assistant\n")
-    assert sft.render_prompt(RECORDS[1], C.Data()) == (
+    assert sft.render_prompt(RECORDS[1], config.Data()) == (
         "<extra_id_0>System\n\n<extra_id_1>User\nWhat is 2 + 2?\n<extra_id_1>Assistant\n")
 
 
@@ -53,7 +53,7 @@ def test_hf_chat_template_rendering():
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")))
     tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}<|end|>{% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    data = C.Data(prompt_format="hf_chat_template")
+    data = config.Data(prompt_format="hf_chat_template")
     out = sft.render_prompt(RECORDS[1], data, tokenizer=tok)
     assert out == "<|user|>What is 2 + 2?<|end|><|assistant|>"
     tok.chat_template = None

@@ -11,10 +11,9 @@ import json
 import pytest
 import torch
 
-from harness import config as C
+from harness import config
 from harness.io import DataError
-from harness.models import convert as K
-from harness.models import hf, mcore
+from harness.models import convert, hf, mcore
 from harness.models.base import load_policy
 from harness.models.tokenizer import train_tokenizer
 
@@ -27,8 +26,8 @@ def tok():
     return train_tokenizer(TEXTS, 300)
 
 
-def tiny(gqa: bool = True) -> C.Tiny:
-    return C.Tiny(hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=2 if gqa else 4,
+def tiny(gqa: bool = True) -> config.Tiny:
+    return config.Tiny(hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=2 if gqa else 4,
                   intermediate_size=96, vocab_size=300)
 
 
@@ -54,7 +53,7 @@ def batch(tok, n=3, T=14, seed=0):
 
 def test_conversion_round_trip_is_exact(pair):
     ph, pm = pair
-    back = K.mcore_to_hf(pm.model.full_state_dict(), pm.model.spec)
+    back = convert.mcore_to_hf(pm.model.full_state_dict(), pm.model.spec)
     ref = {k: v for k, v in ph.model.state_dict().items() if k != "lm_head.weight"}  # tied
     assert back.keys() == ref.keys()
     assert all(torch.equal(back[k], ref[k]) for k in ref)
@@ -62,12 +61,12 @@ def test_conversion_round_trip_is_exact(pair):
 
 def test_qkv_layout_is_megatrons_group_interleaving():
     """Hand-made q/k/v rows: megatron's fused weight is, per KV group, that group's query heads, key, value."""
-    s = K.GPTSpec(num_layers=1, hidden_size=2, ffn_hidden_size=2, num_attention_heads=4, num_query_groups=2,
+    s = convert.GPTSpec(num_layers=1, hidden_size=2, ffn_hidden_size=2, num_attention_heads=4, num_query_groups=2,
                   kv_channels=1, vocab_size=3, max_position_embeddings=8)
     q, k, v = (torch.tensor([[10.0 * r + c for c in range(2)] for r in rows]) for rows in ([0, 1, 2, 3], [4, 5], [6, 7]))
-    fused = K._qkv_fuse(q, k, v, s)
+    fused = convert._qkv_fuse(q, k, v, s)
     assert fused[:, 0].tolist() == [0, 10, 40, 60, 20, 30, 50, 70]  # q0 q1 k0 v0 | q2 q3 k1 v1
-    assert all(torch.equal(a, b) for a, b in zip(K._qkv_split(fused, s), (q, k, v)))
+    assert all(torch.equal(a, b) for a, b in zip(convert._qkv_split(fused, s), (q, k, v)))
 
 
 @pytest.mark.parametrize("gqa,tied", [(True, True), (False, False)])
@@ -89,7 +88,7 @@ def test_logits_match_hf_within_1e5(tok, gqa, tied):
 
 def test_packed_dpo_rows_match_hf(pair, tok):
     """The packed [prompt, chosen, rejected] row: 4D float mask and restarted positions, as train.pair_logps sends."""
-    from harness.train import encode, pack_pairs
+    from harness.batches import encode, pack_pairs
 
     ph, pm = pair
     ch = [encode(tok, p, " 3 colors", 64) for p in PROMPTS]
@@ -106,8 +105,8 @@ def test_greedy_generation_same_tokens(pair):
     from harness.generation.sampler import generate
 
     ph, pm = pair
-    sp = C.SamplingParams(use_greedy=True, end_strings=[])
-    lp = C.LengthParams(max_length=12, min_length=0)
+    sp = config.SamplingParams(use_greedy=True, end_strings=[])
+    lp = config.LengthParams(max_length=12, min_length=0)
     kw = dict(num_samples=2, sampling_params=sp, length_params=lp, seed_parts=[(1, i) for i in range(3)])
     a, b = generate(ph, PROMPTS, **kw), generate(pm, PROMPTS, **kw)
     assert [[x["num_tokens"] for x in o] for o in b] == [[12, 12]] * 3
@@ -118,8 +117,8 @@ def test_sampled_generation_same_tokens(pair):
     from harness.generation.sampler import generate
 
     ph, pm = pair
-    sp = C.SamplingParams(temperature=1.3, top_k=20, end_strings=[])
-    kw = dict(num_samples=3, sampling_params=sp, length_params=C.LengthParams(max_length=10, min_length=2),
+    sp = config.SamplingParams(temperature=1.3, top_k=20, end_strings=[])
+    kw = dict(num_samples=3, sampling_params=sp, length_params=config.LengthParams(max_length=10, min_length=2),
               seed_parts=[(5, i) for i in range(3)], batch_size=4)
     assert generate(ph, PROMPTS, **kw) == generate(pm, PROMPTS, **kw)
 
@@ -132,7 +131,7 @@ def test_one_dpo_step_same_loss_and_weights(tok):
     the gradients themselves."""
     from harness.train import train_dpo
 
-    cfg = C.load(None, ["model.micro_batch_size=2", "model.global_batch_size=4", "model.optim.lr=1e-2",
+    cfg = config.load(None, ["model.micro_batch_size=2", "model.global_batch_size=4", "model.optim.lr=1e-2",
                         "model.optim.eps=1e-3", "model.optim.weight_decay=0.0", "model.optim.sched.name=constant",
                         "trainer.self_rewarding.max_steps=1", "model.data.train_ds.max_seq_length=64",
                         "model.data.train_ds.shuffle=false"], warn=None)
@@ -144,7 +143,7 @@ def test_one_dpo_step_same_loss_and_weights(tok):
     ha, ma = train_dpo(ph, pairs, cfg, iteration=1), train_dpo(pm, pairs, cfg, iteration=1)
     assert ha[0]["train/loss"] == pytest.approx(ma[0]["train/loss"], abs=1e-6)
     assert ha[0]["grad_norm"] == pytest.approx(ma[0]["grad_norm"], rel=1e-5)
-    after_m = K.mcore_to_hf(pm.model.full_state_dict(), pm.model.spec)
+    after_m = convert.mcore_to_hf(pm.model.full_state_dict(), pm.model.spec)
     moved = max(float((ph.model.state_dict()[k] - before[k]).abs().max()) for k in after_m)
     diff = max(float((ph.model.state_dict()[k] - after_m[k]).abs().max()) for k in after_m)
     assert moved > 1e-3 and diff < 1e-6  # weights move by ~1e-2 (measured 9.9e-3); backends agree to 1.2e-7
@@ -183,8 +182,8 @@ def test_bf16_precision_runs_under_autocast_close_to_fp32(pair):
         try:
             with pm.autocast():
                 low = pm.model(input_ids=ids, attention_mask=attn).logits
-            out = generate(pm, PROMPTS, num_samples=1, sampling_params=C.SamplingParams(use_greedy=True, end_strings=[]),
-                           length_params=C.LengthParams(max_length=4, min_length=4), seed_parts=[(0, i) for i in range(3)])
+            out = generate(pm, PROMPTS, num_samples=1, sampling_params=config.SamplingParams(use_greedy=True, end_strings=[]),
+                           length_params=config.LengthParams(max_length=4, min_length=4), seed_parts=[(0, i) for i in range(3)])
         finally:
             pm.precision = "32"
     assert low.dtype == torch.bfloat16 and next(pm.model.parameters()).dtype == torch.float32
@@ -198,7 +197,7 @@ def test_dpo_resume_state_round_trips_on_mcore(tok, tmp_path):
     from its step-1 state ends bit-identical to the uninterrupted run."""
     from harness.train import train_dpo
 
-    cfg = C.load(None, ["model.micro_batch_size=2", "model.global_batch_size=2", "model.optim.lr=1e-3",
+    cfg = config.load(None, ["model.micro_batch_size=2", "model.global_batch_size=2", "model.optim.lr=1e-3",
                         "trainer.self_rewarding.max_steps=2", "trainer.self_rewarding.save_interval=1",
                         "model.data.train_ds.max_seq_length=64"], warn=None)
     pairs = [{"prompt": TEXTS[i][:20], "chosen": TEXTS[i][20:], "rejected": TEXTS[i + 3][25:],

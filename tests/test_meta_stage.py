@@ -12,9 +12,8 @@ import re
 
 import pytest
 
-from harness import config as C
-from harness import stages
-from harness.data import sft as S
+from harness import config, stages
+from harness.data import sft
 from harness.generation import sampler
 from harness.io import read_json, read_jsonl, write_jsonl
 from harness.models.base import load_policy
@@ -37,7 +36,7 @@ def judged_rows(lay: stages.Layout, t: int) -> list[dict]:
     """Every prompt gets 3 responses; the second one's 3 judgements disagree (the meta-judge's pick), with chosen
     scores spread over the classes; one judgement of it did not end (it must never be chosen or rejected)."""
     rows = []
-    for i, rec in enumerate(S.read_sft(lay.world / f"prompts_{t}.jsonl")):
+    for i, rec in enumerate(sft.read_sft(lay.world / f"prompts_{t}.jsonl")):
         hi = 1 + i % 5  # the best judgement's score: classes 1..5
         js = [{"text": f"Checked every item [q3].\nScore: {hi}", "score": float(hi), "is_end": True},
               {"text": f"Skimmed it [q1].\nScore: {hi - 1}", "score": float(hi - 1), "is_end": True},
@@ -45,7 +44,7 @@ def judged_rows(lay: stages.Layout, t: int) -> list[dict]:
         resp = [{"text": f"answer {i}-{j}", "num_tokens": 3, "is_end": True, "judgements": js if j == 1 else
                  [{"text": "Fine.\nScore: 2", "score": 2.0, "is_end": True}] * 3, "mean": 2.0 + (j == 1),
                  "var": 0.0, "num_valid": 3, "num_failed": 0} for j in range(3)]
-        rows.append({"id": rec["id"], "prompt": S.user_text(rec), "question": S.user_text(rec), "meta": rec.get("meta"),
+        rows.append({"id": rec["id"], "prompt": sft.user_text(rec), "question": sft.user_text(rec), "meta": rec.get("meta"),
                      "responses": resp})
     return rows
 
@@ -53,7 +52,7 @@ def judged_rows(lay: stages.Layout, t: int) -> list[dict]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("meta")
-    cfg = C.load(ROOT / "experiments/smoke.yaml", ["model.spin.meta_judge_pcnt=0.25"], warn=None)
+    cfg = config.load(ROOT / "experiments/smoke.yaml", ["model.spin.meta_judge_pcnt=0.25"], warn=None)
     lay = stages.Layout(root)
     stages.prepare(cfg, lay)
     load_policy(lay.base_model).save(lay.model(0), {})  # M0 stands in for the SFT model M1

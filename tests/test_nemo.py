@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from harness import config as C
+from harness import config
 from harness.data import sft
 from harness.io import DataError
 from harness.models import hf, mcore, nemo
@@ -27,7 +27,7 @@ TEXTS = [f"item {i}: name {i % 7} fruits and {i % 5} tools." for i in range(50)]
 def src(tmp_path_factory):
     """An hf policy (norms randomised) and its .nemo export."""
     tok = train_tokenizer(TEXTS, 290)
-    ph = hf.build_tiny(C.Tiny(hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    ph = hf.build_tiny(config.Tiny(hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               intermediate_size=96, vocab_size=290), tok, seed=5)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
@@ -182,7 +182,7 @@ def test_restore_from_path_nemo_runs_the_generate_stage(src, tmp_path):
     _, path = src
     prompts = tmp_path / "prompts.jsonl"
     sft.write_sft(prompts, [sft.make_record("item 3: name", id="a"), sft.make_record("item 9:", id="b")])
-    cfg = C.load(None, [f"pretrained_checkpoint.restore_from_path={path}", "model.backend=mcore",
+    cfg = config.load(None, [f"pretrained_checkpoint.restore_from_path={path}", "model.backend=mcore",
                         f"model.data.train_ds.file_path={prompts}", "model.spin.num_responses_to_gen=2",
                         "model.spin.length_params.max_length=5"], warn=None)
     out = run_generate(cfg, Layout(tmp_path / "runs"), 0)

@@ -5,8 +5,8 @@ packed training follows the padded loop's losses."""
 import pytest
 import torch
 
-from harness import config as C
-from harness import train as T
+from harness import config, train
+from harness.losses import sequence_logps
 from harness.models.hf import build_tiny
 from harness.models.tokenizer import train_tokenizer
 from harness.packing import first_fit, pack, packed_logps, plan
@@ -30,7 +30,7 @@ def test_first_fit_decreasing_by_hand():
 
 
 def test_plan_shares_prefixes_and_respects_capacity(tok):
-    enc = [T.encode(tok, p, r, 256) for p, r in EXAMPLES]
+    enc = [train.encode(tok, p, r, 256) for p, r in EXAMPLES]
     cap = max(len(e.ids) for e in enc)
     rows = plan(enc, list(range(len(enc))), cap)
     assert sorted(i for row in rows for tree in row for i in tree) == list(range(len(enc)))
@@ -43,9 +43,9 @@ def test_plan_shares_prefixes_and_respects_capacity(tok):
 @pytest.mark.parametrize("average", [False, True])
 def test_packed_logps_and_gradients_equal_the_unpacked_ones(tok, average):
     policy = build_tiny(SMALL, tok, seed=3)
-    enc = [T.encode(tok, p, r, 256) for p, r in EXAMPLES]
-    ids, attn, mask = T.collate(enc, tok.pad_token_id)
-    ref = T.sequence_logps(T._logits(policy.model, ids, attn), ids, mask, average=average)
+    enc = [train.encode(tok, p, r, 256) for p, r in EXAMPLES]
+    ids, attn, mask = train.collate(enc, tok.pad_token_id)
+    ref = sequence_logps(train._logits(policy.model, ids, attn), ids, mask, average=average)
     weights = torch.arange(1.0, len(enc) + 1)
     (ref * weights).sum().backward()
     ref_grads = [p.grad.clone() for p in policy.model.parameters()]
@@ -64,12 +64,12 @@ def test_packed_logps_and_gradients_equal_the_unpacked_ones(tok, average):
 def test_packed_sft_follows_the_padded_loop(tok):
     c = cfg("model.sft.max_epochs=2", "model.sft.lr=1e-2")
     examples = EXAMPLES + [(p["prompt"], p["chosen"]) for p in PAIRS]
-    padded = T.train_sft(build_tiny(SMALL, tok, seed=4), examples, c, packed=False)
-    packed = T.train_sft(build_tiny(SMALL, tok, seed=4), examples, c)
+    padded = train.train_sft(build_tiny(SMALL, tok, seed=4), examples, c, packed=False)
+    packed = train.train_sft(build_tiny(SMALL, tok, seed=4), examples, c)
     assert len(padded) == len(packed) == 12
     assert packed[0]["train/loss"] == pytest.approx(padded[0]["train/loss"], rel=1e-5)  # same weights, same loss
     assert [h["train/loss"] for h in packed] == pytest.approx([h["train/loss"] for h in padded], rel=2e-3)
-    again = T.train_sft(build_tiny(SMALL, tok, seed=4), examples, c)
+    again = train.train_sft(build_tiny(SMALL, tok, seed=4), examples, c)
     assert [h["train/loss"] for h in again] == [h["train/loss"] for h in packed]  # bit-identical rerun
 
 
@@ -77,4 +77,4 @@ def test_packed_sft_is_part_of_the_resume_key(tok):
     c = cfg()
     policy = build_tiny(SMALL, tok, seed=4)
     ex = EXAMPLES[:3]
-    assert T.resume_key(ex, C.to_dict(c), 0, policy.model, True) != T.resume_key(ex, C.to_dict(c), 0, policy.model, False)
+    assert train.resume_key(ex, config.to_dict(c), 0, policy.model, True) != train.resume_key(ex, config.to_dict(c), 0, policy.model, False)

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from harness import config as C
+from harness import config
 from harness.generation.sampler import generate
 from harness.models import hf
 from harness.models.tokenizer import train_tokenizer
@@ -30,7 +30,7 @@ TEXTS = [f"item {i}: name {i % 7} fruits and {i % 5} tools." for i in range(50)]
 def launched(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
     tok = train_tokenizer(TEXTS, 290)
-    policy = hf.build_tiny(C.Tiny(hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    policy = hf.build_tiny(config.Tiny(hidden_size=64, num_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                   intermediate_size=96, vocab_size=290), tok, seed=4)
     policy.save(d / "base", {})
     pairs = [{"prompt": TEXTS[i][:12], "chosen": TEXTS[i][12:], "rejected": TEXTS[i + 20][20:],
@@ -49,7 +49,7 @@ def test_two_data_parallel_ranks_equal_one_process(launched):
 
     d, pairs = launched
     one = load_policy(d / "base")
-    hist = train_dpo(one, pairs, C.load(None, W.OVERRIDES, warn=None), iteration=1)
+    hist = train_dpo(one, pairs, config.load(None, W.OVERRIDES, warn=None), iteration=1)
     two = json.loads((d / "dp_history.json").read_text())
     assert [h["step"] for h in two] == [1, 2]
     for a, b in zip(hist, two):
@@ -73,11 +73,11 @@ def test_tensor_parallel_2_equals_one_process(launched):
     with torch.no_grad():
         logits = ref.model(input_ids=W.batch(len(ref.tokenizer))).logits
     assert (tp["logits"] - logits).abs().max() < 1e-5
-    sp = C.SamplingParams(use_greedy=True, end_strings=[])
+    sp = config.SamplingParams(use_greedy=True, end_strings=[])
     assert res["generated"] == generate(ref, W.PROMPTS, num_samples=2, sampling_params=sp,
-                                        length_params=C.LengthParams(max_length=8),
+                                        length_params=config.LengthParams(max_length=8),
                                         seed_parts=[(1, i) for i in range(3)])
-    cfg = C.load(None, [*W.OVERRIDES, "trainer.self_rewarding.max_steps=1"], warn=None)
+    cfg = config.load(None, [*W.OVERRIDES, "trainer.self_rewarding.max_steps=1"], warn=None)
     hist = train_dpo(ref, pairs, cfg, iteration=1)
     assert res["history"][0]["train/loss"] == pytest.approx(hist[0]["train/loss"], rel=1e-5)
     assert res["history"][0]["grad_norm"] == pytest.approx(hist[0]["grad_norm"], rel=1e-5)

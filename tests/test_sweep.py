@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import config as C
+from harness import config
 from harness.sweep import load_space, override
 from tests.conftest import ROOT, env, make_project, run
 
@@ -187,5 +187,27 @@ def test_example_space_file_is_valid_for_the_default():
                                         ("model.spin.length_control", [0, 0, 0.1234567890123, 0.3]),
                                         ("model.spin.preference_average_log_probs", True), ("seed", 7)])
 def test_override_round_trips_exactly(key, value):
-    cfg = C.load(str(ROOT / "params.yaml"), [override(key, value)], warn=None)
-    assert C.get(cfg, key) == value
+    cfg = config.load(str(ROOT / "params.yaml"), [override(key, value)], warn=None)
+    assert config.get(cfg, key) == value
+
+
+@pytest.mark.filterwarnings("ignore")  # experimental API; "heartbeat is supposed to be used with Study.optimize"
+def test_dead_workers_trial_fails_through_the_rdb_heartbeat(tmp_path):
+    """A trial whose heartbeat stopped longer than the grace period ago is FAIL; one still beating stays RUNNING."""
+    import time
+
+    import optuna
+
+    from harness.sweep import heartbeat
+
+    rdb = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=3)
+    study = optuna.create_study(study_name="hb", storage=rdb)
+    dead = study.ask()
+    with heartbeat(rdb, dead._trial_id):
+        pass  # its worker stops beating here
+    time.sleep(4)
+    alive = study.ask()
+    with heartbeat(rdb, alive._trial_id):
+        optuna.storages.fail_stale_trials(study)
+        states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states == {dead.number: optuna.trial.TrialState.FAIL, alive.number: optuna.trial.TrialState.RUNNING}

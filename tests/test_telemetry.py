@@ -18,8 +18,8 @@ import random
 
 import pytest
 
-from harness import config as C
-from harness.data import world as W
+from harness import config
+from harness.data import world
 from harness.io import read_json, read_jsonl, write_jsonl
 from harness.stages import Layout, run_pairs
 from harness.telemetry import own_pairwise_acc, pair_quality
@@ -34,21 +34,21 @@ def _judged(tmp_path, judge=JUDGE) -> Layout:
     rng = random.Random(0)
     rows = []
     for i, fam in enumerate(FAMS):
-        task = W.make_task(fam, random.Random(i), f"p{i}")
+        task = world.make_task(fam, random.Random(i), f"p{i}")
         texts = []
         for s in ORACLE[i]:  # distinct texts, so no pair is refused as identical
-            texts.append(next(x for x in (W.degrade(task, s, rng) for _ in range(50)) if x not in texts))
+            texts.append(next(x for x in (world.degrade(task, s, rng) for _ in range(50)) if x not in texts))
         rows.append({"id": task.id, "prompt": f"<p>{task.prompt}", "question": task.prompt, "meta": task.meta,
                      "responses": [{"text": x, "num_tokens": 5, "is_end": True, "mean": m, "var": 0.0}
                                    for x, m in zip(texts, judge[i])]})
-        assert [W.oracle_score(task, x) for x in texts] == ORACLE[i]
+        assert [world.oracle_score(task, x) for x in texts] == ORACLE[i]
     write_jsonl(lay.it(1) / "judged.jsonl", rows)
     write_jsonl(lay.it(1) / "judge_pairs.jsonl", [])
     return lay
 
 
 def _cfg(*overrides):
-    return C.load(None, ["model.spin.first_iteration_sft=true", "trainer.self_rewarding.max_iterations=2",
+    return config.load(None, ["model.spin.first_iteration_sft=true", "trainer.self_rewarding.max_iterations=2",
                          *overrides], warn=None)
 
 
@@ -94,13 +94,13 @@ def test_random_labels_ignore_the_judge_and_are_reproducible(tmp_path):
 
 def test_label_controls_refused_off_the_task_world():
     for labels in ("oracle", "random"):
-        with pytest.raises(C.ConfigError, match="pair_labels=" + labels):
-            C.load(None, [f"model.spin.pair_labels={labels}", "model.data.train_ds.file_path=p.jsonl"], warn=None)
+        with pytest.raises(config.ConfigError, match="pair_labels=" + labels):
+            config.load(None, [f"model.spin.pair_labels={labels}", "model.data.train_ds.file_path=p.jsonl"], warn=None)
         # a user checkpoint on the world's prompts still has the oracle
-        C.load(None, [f"model.spin.pair_labels={labels}", "pretrained_checkpoint.restore_from_path=/m"], warn=None)
-    C.load(None, ["model.spin.pair_labels=judge", "model.data.train_ds.file_path=p.jsonl"], warn=None)
-    with pytest.raises(C.ConfigError, match="model.spin.pair_labels: one of judge, oracle, random"):
-        C.load(None, ["model.spin.pair_labels=gold"], warn=None)
+        config.load(None, [f"model.spin.pair_labels={labels}", "pretrained_checkpoint.restore_from_path=/m"], warn=None)
+    config.load(None, ["model.spin.pair_labels=judge", "model.data.train_ds.file_path=p.jsonl"], warn=None)
+    with pytest.raises(config.ConfigError, match="model.spin.pair_labels: one of judge, oracle, random"):
+        config.load(None, ["model.spin.pair_labels=gold"], warn=None)
 
 
 def test_cream_rates_ride_on_the_pairs(tmp_path):

@@ -3,7 +3,7 @@
     policy = load_for_generation(path)     # falls back to models.hf.load for anything it does not cover
 
 Importing transformers' Llama costs about twice torch's import on these machines (~2.7 s), at every generate, judge,
-meta_judge and evaluate stage, yet those stages never run its forward: LeanLlama (sampler.py) reads the weights
+meta_judge and evaluate stage, yet those stages never run its forward: LeanLlama (runners.py) reads the weights
 and runs its own. So this module builds a weights-only module with HF's parameter names from config.json and the
 safetensors files and LeanLlama runs on it unchanged;
 the same weights give the same bits as the HF-loaded model (tests/test_lean_model.py). Training stages still load
@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from harness.generation.sampler import LEAN_MODEL_TYPES, LeanLlama
+from harness.generation.runners import LEAN_MODEL_TYPES, LeanLlama
 
 
 class _W(nn.Module):

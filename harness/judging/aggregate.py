@@ -11,6 +11,13 @@ from __future__ import annotations
 from harness.judging.parse import DEFAULT_SCORE_REGEX, parse_score
 
 
+def mean_and_variance(scores: list[float]) -> tuple[float, float]:
+    """Mean and population variance (divide by len(scores)) of a non-empty list. Plain left-to-right sums: the same
+    floats on every machine, so pairs, meta-judge selection and Elo inputs are bit-identical."""
+    mean = sum(scores) / len(scores)
+    return mean, sum((s - mean) ** 2 for s in scores) / len(scores)
+
+
 def aggregate(judgements: list[str | dict], low: float, high: float, regex: str = DEFAULT_SCORE_REGEX) -> dict:
     """{"judgements": [{"text", "score", "is_end"}], "mean", "var", "num_valid", "num_failed"}.
 
@@ -25,9 +32,7 @@ def aggregate(judgements: list[str | dict], low: float, high: float, regex: str 
     scores = [j["score"] for j in judged if j["score"] is not None]
     mean = var = None
     if scores:
-        # Plain left-to-right sums: the same floats on every machine, so pairs and Elo inputs are bit-identical.
-        mean = sum(scores) / len(scores)
-        var = sum((s - mean) ** 2 for s in scores) / len(scores)
+        mean, var = mean_and_variance(scores)
     return {
         "judgements": judged,
         "mean": mean,

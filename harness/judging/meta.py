@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from harness.judging.aggregate import mean_and_variance
 from harness.judging.parse import strip_score
 
 ELO_SCALE, ELO_INIT = 400.0, 1000.0
@@ -45,8 +46,7 @@ def select_response_for_meta(responses: list[dict]) -> int | None:
         scores = _valid_scores(resp["judgements"])
         if not resp.get("is_end", False) or len(scores) < 2:
             continue
-        mean = sum(scores) / len(scores)
-        var = sum((s - mean) ** 2 for s in scores) / len(scores)
+        _, var = mean_and_variance(scores)
         if var > best_var:  # strict: ties keep the first
             best, best_var = idx, var
     return best

@@ -155,8 +155,6 @@ def policy_from_dir(path: Path, model: torch.nn.Module, tokenizer_class: str | N
     return Policy(model=model, tokenizer=tokenizer, config=config, backend="hf")
 
 
-load_hf = load
-
 
 # ----------------------------------------------------------------------------------------------------- save
 def save(policy: Policy, path: str | Path, resolved_config: dict) -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from harness import parallel as P
+from harness import parallel
 from harness.io import DataError, atomic_path
-from harness.models import convert as K
+from harness.models import convert
 from harness.models.base import CONFIG_FILE, Policy
 
 
@@ -49,7 +49,7 @@ def quiet():
         yield
 
 
-def init_parallel(place: P.Placement) -> None:
+def init_parallel(place: parallel.Placement) -> None:
     """torch.distributed, megatron's parallel state (tensor-parallel size) and RNG tracker; once per process."""
     with quiet():
         from megatron.core import parallel_state as ps
@@ -58,7 +58,7 @@ def init_parallel(place: P.Placement) -> None:
     on_cpu = place.device.type == "cpu"
     if on_cpu:
         cpu_workarounds()
-    P.init_process_group()
+    parallel.init_process_group()
     if ps.model_parallel_is_initialized():
         if ps.get_tensor_model_parallel_world_size() == place.tensor_parallel:
             return
@@ -68,17 +68,17 @@ def init_parallel(place: P.Placement) -> None:
         model_parallel_cuda_manual_seed(place.seed, inference_rng_tracker=on_cpu, force_reset_rng=True)
 
 
-def use_te(place: P.Placement) -> bool:
+def use_te(place: parallel.Placement) -> bool:
     return place.device.type == "cuda" and importlib.util.find_spec("transformer_engine") is not None
 
 
-def build_gpt(spec: K.GPTSpec, place: P.Placement, rows: int, dtype: torch.dtype = torch.float32):
+def build_gpt(spec: convert.GPTSpec, place: parallel.Placement, rows: int, dtype: torch.dtype = torch.float32):
     """An empty (uninitialised) GPTModel for `spec` on place.device; `rows` = embedding rows before TP padding."""
     with quiet():
         return _build_gpt(spec, place, rows, dtype)
 
 
-def _build_gpt(spec: K.GPTSpec, place: P.Placement, rows: int, dtype: torch.dtype):
+def _build_gpt(spec: convert.GPTSpec, place: parallel.Placement, rows: int, dtype: torch.dtype):
     import torch.nn.functional as F
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -147,14 +147,14 @@ class MCoreLM(torch.nn.Module):
 
     attention_mask: None (causal), [B, T] (1 = token, 0 = padding) or [B, 1, T, T] (additive float, 0 = attend, or
     bool, True = attend), as transformers takes it; position_ids drive the rotary embedding per token, so packed rows
-    with restarted positions (train.pack_pairs) and left-padded prompts work. Logits are [B, T, vocab_size].
+    with restarted positions (batches.pack_pairs) and left-padded prompts work. Logits are [B, T, vocab_size].
 
     state_dict() / load_state_dict() speak the full weights under tensor-parallel-size-independent names (gathered
     over the TP group: a collective call), so resume states, resume keys and checkpoints are the same on every rank
     and for every TP size.
     """
 
-    def __init__(self, gpt, spec: K.GPTSpec, te: bool = False):
+    def __init__(self, gpt, spec: convert.GPTSpec, te: bool = False):
         super().__init__()
         self.gpt, self.spec, self.te = gpt, spec, te
 
@@ -274,11 +274,11 @@ class MCoreLM(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------- load / save
-def from_full(full: dict[str, torch.Tensor], spec: K.GPTSpec, tokenizer, config: dict,
+def from_full(full: dict[str, torch.Tensor], spec: convert.GPTSpec, tokenizer, config: dict,
               dtype: torch.dtype = torch.float32) -> Policy:
     """A Policy from full mcore weights (rows of the embedding may exceed spec.vocab_size: padding), on the current
     device (harness.parallel) with its tensor-parallel size."""
-    gpt, te = build_gpt(spec, P.current(), full["embedding.word_embeddings.weight"].shape[0], dtype)
+    gpt, te = build_gpt(spec, parallel.current(), full["embedding.word_embeddings.weight"].shape[0], dtype)
     lm = MCoreLM(gpt, spec, te)
     lm.load_full_state_dict({k: v.to(dtype) for k, v in full.items()})
     lm.eval()
@@ -287,8 +287,8 @@ def from_full(full: dict[str, torch.Tensor], spec: K.GPTSpec, tokenizer, config:
 
 def from_hf(policy: Policy) -> Policy:
     """The mcore twin of an hf Policy (same weights, converted; same dtype and precision)."""
-    spec = K.spec_from_hf(policy.model.config)
-    full = K.hf_to_mcore(policy.model.state_dict(), spec)
+    spec = convert.spec_from_hf(policy.model.config)
+    full = convert.hf_to_mcore(policy.model.state_dict(), spec)
     out = from_full(full, spec, policy.tokenizer, policy.config, next(policy.model.parameters()).dtype)
     out.precision = policy.precision
     return out
@@ -304,8 +304,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> Policy:
     return from_hf(hf.load(path, dtype=dtype))  # hf.load checks files, shapes and the tokenizer
 
 
-def to_hf_state(policy: Policy) -> tuple[dict[str, torch.Tensor], K.GPTSpec]:
-    return K.mcore_to_hf(policy.model.full_state_dict(), policy.model.spec), policy.model.spec
+def to_hf_state(policy: Policy) -> tuple[dict[str, torch.Tensor], convert.GPTSpec]:
+    return convert.mcore_to_hf(policy.model.full_state_dict(), policy.model.spec), policy.model.spec
 
 
 def save(policy: Policy, path: str | Path, resolved_config: dict) -> None:
@@ -316,11 +316,11 @@ def save(policy: Policy, path: str | Path, resolved_config: dict) -> None:
     from safetensors.torch import save_file
 
     state, spec = to_hf_state(policy)
-    if not P.is_main():
+    if not parallel.is_main():
         return
     with atomic_path(path) as tmp:
         tmp.mkdir()
-        K.hf_config(spec, policy.tokenizer).save_pretrained(tmp)
+        convert.hf_config(spec, policy.tokenizer).save_pretrained(tmp)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         policy.tokenizer.save_pretrained(tmp)
         (tmp / CONFIG_FILE).write_text(

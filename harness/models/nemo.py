@@ -39,9 +39,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from harness import parallel as P
+from harness import parallel
 from harness.io import DataError, atomic_path
-from harness.models import convert as K
+from harness.models import convert
 from harness.models.base import CONFIG_FILE
 
 CONFIG, WEIGHTS, TOKENIZER = "model_config.yaml", "model_weights", "tokenizer"
@@ -186,7 +186,7 @@ def _find_config(tree) -> dict:
     return {}
 
 
-def spec_from_nemo(tree: dict, vocab_size: int, share: bool, where: str) -> K.GPTSpec:
+def spec_from_nemo(tree: dict, vocab_size: int, share: bool, where: str) -> convert.GPTSpec:
     c = _find_config(tree)
     missing = [k for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads") if c.get(k) is None]
     if missing:
@@ -202,7 +202,7 @@ def spec_from_nemo(tree: dict, vocab_size: int, share: bool, where: str) -> K.GP
     if bad:
         raise DataError(f"{where}: not a Llama-family model this harness converts: {', '.join(bad)}")
     heads = int(c["num_attention_heads"])
-    spec = K.GPTSpec(
+    spec = convert.GPTSpec(
         num_layers=int(c["num_layers"]), hidden_size=int(c["hidden_size"]), ffn_hidden_size=int(c["ffn_hidden_size"]),
         num_attention_heads=heads, num_query_groups=int(c.get("num_query_groups") or heads),
         kv_channels=int(c.get("kv_channels") or int(c["hidden_size"]) // heads), vocab_size=vocab_size,
@@ -214,7 +214,7 @@ def spec_from_nemo(tree: dict, vocab_size: int, share: bool, where: str) -> K.GP
     return spec
 
 
-def nemo_config(spec: K.GPTSpec) -> dict:
+def nemo_config(spec: convert.GPTSpec) -> dict:
     """model_config.yaml for a GPTSpec, in NeMo 1's (megatron_gpt) key names."""
     return {"mcore_gpt": True, "num_layers": spec.num_layers, "hidden_size": spec.hidden_size,
             "ffn_hidden_size": spec.ffn_hidden_size, "num_attention_heads": spec.num_attention_heads,
@@ -309,7 +309,7 @@ def write(policy, out: str | Path, resolved_config: dict | None = None) -> None:
         root = Path(d)
         (root / WEIGHTS).mkdir()
         dist_checkpointing.save(lm.gpt.sharded_state_dict(prefix="model."), str(root / WEIGHTS))
-        if not P.is_main():
+        if not parallel.is_main():
             return
         (root / CONFIG).write_text(yaml.safe_dump(nemo_config(lm.spec), sort_keys=False), encoding="utf-8")
         policy.tokenizer.save_pretrained(root / TOKENIZER)
