@@ -151,7 +151,7 @@ def test_checklist_metrics_say_which_judge_step_fails():
         (meta, "hello", "No animals.\nScore: 0"),
         (meta, "> CAT, owl.", "No animals.\nScore: 0"),
     ]
-    assert [W.oracle_score(meta, r) for _, r, _ in items] == [5, 3, 0, 4]
+    assert [world.oracle_score(meta, r) for _, r, _ in items] == [5, 3, 0, 4]
     m = checklist_metrics(items, "eval/")
     assert m["eval/judge_own_offtopic_acc"] == pytest.approx(3 / 4)
     assert m["eval/judge_own_echo_acc/open"] == pytest.approx(1 / 2)
@@ -160,7 +160,7 @@ def test_checklist_metrics_say_which_judge_step_fails():
         assert m[f"eval/judge_own_echo_acc/{c}"] == 1.0 and m[f"eval/judge_own_check_acc/{c}"] == 1.0
     assert m["eval/judge_own_check_acc/format"] == 1.0 and "eval/judge_own_echo_acc/format" not in m
     # the oracle's own judgement reads right at every step; text in no checklist format gives no step at all
-    assert W.read_checklist(meta, W.judgement(meta, "cat, owl")) == {
+    assert world.read_checklist(meta, world.judgement(meta, "cat, owl")) == {
         "kind": (True, True), "count": (True, True), "case": (True, True), "open": (False, True),
         "format": (False, None)}
     empty = checklist_metrics([(meta, "> cat, owl.", "Score: 5")], "eval/")
