@@ -16,6 +16,7 @@ from pathlib import Path
 
 from harness import config
 from harness.data import sft
+from harness.data.world import CHECKS, ECHOED
 from harness.io import DataError, pending, read_json, read_jsonl, write_json, write_jsonl
 from harness.layout import Layout, use_sft_baseline, use_world, validation_file
 from harness.rows import EVAL_ANSWERS, JUDGE_EVAL
@@ -66,12 +67,11 @@ def eval_metrics(cfg: config.Config, t: int) -> set[str]:
     if use_world(cfg):
         out |= {"eval/oracle_reward", "eval/perfect_rate", "eval/response_length", "eval/judge_pairwise_acc",
                 "eval/judge_exact_match", "eval/judge_spearman", "eval/judge_kendall", "eval/judge_parse_failure"}
-        from harness.data.world import CHECKS, FAMILIES
+        from harness.data.world import FAMILIES
+        from harness.telemetry import checklist_keys
 
-        out |= {"eval/judge_own_pairwise_acc", "eval/judge_own_pairs", "eval/judge_own_offtopic_acc",
-                *(f"eval/{f}/{k}" for f in FAMILIES for k in ("oracle_reward", "judge_own_pairwise_acc")),
-                *(f"eval/judge_own_echo_acc/{c}" for c in CHECKS if c != "format"),
-                *(f"eval/judge_own_check_acc/{c}" for c in CHECKS)}
+        out |= {"eval/judge_own_pairwise_acc", "eval/judge_own_pairs", *checklist_keys("eval/"),
+                *(f"eval/{f}/{k}" for f in FAMILIES for k in ("oracle_reward", "judge_own_pairwise_acc"))}
         if use_sft_baseline(cfg):
             out.add("eval/win_rate_vs_sft_baseline")
         if t == 0 or cfg.model.spin.first_iteration_sft:
@@ -256,9 +256,8 @@ ROWS = [
     ("eval/judge_own_pairwise_acc", "judge: pairwise accuracy on its own samples"),
     ("eval/judge_own_offtopic_acc", "judge steps (own samples): off topic called as the oracle does"),
     *((f"eval/judge_own_echo_acc/{c}", f"judge steps (own samples): {c}, asked value read right")
-      for c in ("kind", "count", "case", "open")),
-    *((f"eval/judge_own_check_acc/{c}", f"judge steps (own samples): {c}, yes/no right")
-      for c in ("kind", "count", "case", "open", "format")),
+      for c in ECHOED),
+    *((f"eval/judge_own_check_acc/{c}", f"judge steps (own samples): {c}, yes/no right") for c in CHECKS),
     ("eval/judge_pairwise_acc", "judge: pairwise accuracy vs oracle (designed responses)"),
     ("eval/judge_exact_match", "judge: exact-match rate"),
     ("eval/judge_spearman", "judge: Spearman vs oracle"),

@@ -81,7 +81,7 @@ def checklist_metrics(items: list[tuple[dict, str, str]], prefix: str) -> dict[s
     A pairwise accuracy near 1/2 says the judge fails; these say whether it fails to read the prompt (echo) or to
     compare the response with what it read (check). NaN where no judgement holds the step.
     """
-    from harness.data.world import CHECKS, grade, read_checklist
+    from harness.data.world import CHECKS, ECHOED, grade, read_checklist
 
     def mean(xs: list[bool]) -> float:
         return sum(xs) / len(xs) if xs else math.nan
@@ -99,7 +99,13 @@ def checklist_metrics(items: list[tuple[dict, str, str]], prefix: str) -> dict[s
                 echo[c].append(echoed)
             if verdict is not None and ok is not None:
                 check[c].append(verdict == ok)
-    out = {f"{prefix}judge_own_offtopic_acc": mean(gate)}
-    out |= {f"{prefix}judge_own_echo_acc/{c}": mean(echo[c]) for c in CHECKS if c != "format"}
-    out |= {f"{prefix}judge_own_check_acc/{c}": mean(check[c]) for c in CHECKS}
-    return out
+    values = [mean(gate), *(mean(echo[c]) for c in ECHOED), *(mean(check[c]) for c in CHECKS)]
+    return dict(zip(checklist_keys(prefix), values))
+
+
+def checklist_keys(prefix: str) -> list[str]:
+    """The keys checklist_metrics writes, in order."""
+    from harness.data.world import CHECKS, ECHOED
+
+    return [f"{prefix}judge_own_offtopic_acc", *(f"{prefix}judge_own_echo_acc/{c}" for c in ECHOED),
+            *(f"{prefix}judge_own_check_acc/{c}" for c in CHECKS)]

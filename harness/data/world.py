@@ -40,6 +40,7 @@ from harness.io import write_jsonl
 FAMILIES = ("animals", "foods", "tools", "body")
 SCORES = range(6)
 CHECKS = ("kind", "count", "case", "open", "format")  # the rubric's five points, in order
+ECHOED = CHECKS[:4]  # the checks whose judgement step names the asked value (format names none)
 
 # Single-token words (as the tokenizer learns them): a kind is a property of a word, known without the prompt.
 KINDS = {
@@ -249,7 +250,7 @@ def read_checklist(task_or_meta: Task | dict, judgement_text: str) -> dict[str, 
              "open": meta["open"]}
     out: dict[str, tuple[bool | None, bool | None]] = {}
     for check in CHECKS:
-        if check == "format":
+        if check not in ECHOED:
             m = re.search(r"\bformat (yes|no)\b", text)
             out[check] = (m.group(1) == "yes", None) if m else (None, None)
         else:
