@@ -16,7 +16,7 @@ from pathlib import Path
 
 from harness import config
 from harness.data import sft
-from harness.data.world import CHECKS, ECHOED
+from harness.data.world import CHECKS
 from harness.io import DataError, pending, read_json, read_jsonl, write_json, write_jsonl
 from harness.layout import Layout, use_sft_baseline, use_world, validation_file
 from harness.rows import EVAL_ANSWERS, JUDGE_EVAL
@@ -255,8 +255,9 @@ ROWS = [
     ("eval/win_rate_vs_m1_se", "policy: standard error of the win rate vs M1"),
     ("eval/judge_own_pairwise_acc", "judge: pairwise accuracy on its own samples"),
     ("eval/judge_own_offtopic_acc", "judge steps (own samples): off topic called as the oracle does"),
-    *((f"eval/judge_own_echo_acc/{c}", f"judge steps (own samples): {c}, asked value read right")
-      for c in ECHOED),
+    *((f"eval/judge_own_echo_acc/{c}", f"judge steps (own samples): {c}, asked value read right") for c in CHECKS),
+    *((f"eval/judge_own_look_acc/{c}", f"judge steps (own samples): {c}, response's value seen right")
+      for c in CHECKS),
     *((f"eval/judge_own_check_acc/{c}", f"judge steps (own samples): {c}, yes/no right") for c in CHECKS),
     ("eval/judge_pairwise_acc", "judge: pairwise accuracy vs oracle (designed responses)"),
     ("eval/judge_exact_match", "judge: exact-match rate"),

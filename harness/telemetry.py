@@ -75,37 +75,38 @@ def checklist_metrics(items: list[tuple[dict, str, str]], prefix: str) -> dict[s
     """Where the judge goes wrong, step by step, on (task meta, response, judgement text) items, against the oracle:
 
     <prefix>judge_own_offtopic_acc      it calls a response off topic exactly when the oracle does
-    <prefix>judge_own_echo_acc/<check>  the value it compares with is the prompt's (kind, count, case, open)
-    <prefix>judge_own_check_acc/<check> its yes/no is the oracle's, on responses the oracle grades on topic
+    <prefix>judge_own_echo_acc/<check>  the asked value it writes is the prompt's
+    <prefix>judge_own_look_acc/<check>  the value it says the response has is the response's (on-topic responses)
+    <prefix>judge_own_check_acc/<check> its yes/no is the oracle's (on-topic responses)
 
-    A pairwise accuracy near 1/2 says the judge fails; these say whether it fails to read the prompt (echo) or to
-    compare the response with what it read (check). NaN where no judgement holds the step.
+    A pairwise accuracy near 1/2 says the judge fails; these say whether it fails to read the prompt (echo), to see
+    the response (look) or to compare the two (check). NaN where no judgement holds the step.
     """
-    from harness.data.world import CHECKS, ECHOED, grade, read_checklist
+    from harness.data.world import CHECKS, grade, read_checklist
 
     def mean(xs: list[bool]) -> float:
         return sum(xs) / len(xs) if xs else math.nan
 
-    gate, echo, check = [], defaultdict(list), defaultdict(list)
+    gate, steps = [], {step: defaultdict(list) for step in ("echo", "look", "check")}
     for meta, response, text in items:
         truth = grade(meta, response).checks
-        said = read_checklist(meta, text)
+        said = read_checklist(meta, text, response)
         gate.append((said is None) == (truth == ()))
         if said is None:
             continue
         for c, ok in zip(CHECKS, truth or (None,) * len(CHECKS)):
-            verdict, echoed = said[c]
-            if echoed is not None:
-                echo[c].append(echoed)
-            if verdict is not None and ok is not None:
-                check[c].append(verdict == ok)
-    values = [mean(gate), *(mean(echo[c]) for c in ECHOED), *(mean(check[c]) for c in CHECKS)]
+            verdict, echoed, looked = said[c]
+            for step, value in (("echo", echoed), ("look", looked), ("check", None if ok is None or verdict is None
+                                                                                else verdict == ok)):
+                if value is not None:
+                    steps[step][c].append(value)
+    values = [mean(gate), *(mean(steps[step][c]) for step in steps for c in CHECKS)]
     return dict(zip(checklist_keys(prefix), values))
 
 
 def checklist_keys(prefix: str) -> list[str]:
     """The keys checklist_metrics writes, in order."""
-    from harness.data.world import CHECKS, ECHOED
+    from harness.data.world import CHECKS
 
-    return [f"{prefix}judge_own_offtopic_acc", *(f"{prefix}judge_own_echo_acc/{c}" for c in ECHOED),
-            *(f"{prefix}judge_own_check_acc/{c}" for c in CHECKS)]
+    return [f"{prefix}judge_own_offtopic_acc",
+            *(f"{prefix}judge_own_{step}_acc/{c}" for step in ("echo", "look", "check") for c in CHECKS)]

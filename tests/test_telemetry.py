@@ -131,23 +131,25 @@ def test_checklist_metrics_say_which_judge_step_fails():
     """Four hand-written judgements of responses to one task (2 animals, lowercase, open '>', commas, end '.'):
 
         response        oracle checks (kind count case open format)   judgement
-        "> cat, owl."   all yes (5)                                   reads every value right, all yes: 5 of 5 right
-        "cat, owl"      yes yes yes no no (3)                         reads open as '#' (echo wrong), says open yes
-                                                                      (wrong) and format no (right): 4 of 5 right
+        "> cat, owl."   all yes (5)                                   reads, sees and says every value right: 5
+        "cat, owl"      yes yes yes no no (3)                         reads open as '#' (echo wrong), sees its
+                                                                      opening as '#' (look wrong), says open yes
+                                                                      (wrong); sees format as "commas ." (look
+                                                                      wrong) and says format yes (wrong): 3
         "hello"         off topic (0)                                 "No animals." (off topic, right)
         "> CAT, owl."   yes yes no yes yes (4)                        "No animals." (off topic, wrong)
 
-    offtopic: 3 of 4 right. Echo: open 1 of 2 (the two checklists), the others 2 of 2. Check: open 1 of 2, the
-    others 2 of 2; the two off-topic calls give no step.
+    offtopic: 3 of 4 right. Echo: open 1 of 2 (the two checklists), the others 2 of 2. Look: open and format 1 of 2,
+    the others 2 of 2. Check: open and format 1 of 2, the others 2 of 2; off-topic calls give no step.
     """
     from harness.telemetry import checklist_metrics
 
     meta = {"family": "animals", "k": 2, "case": "lowercase", "open": ">", "sep": "commas", "end": ".", "offset": 0}
     items = [
-        (meta, "> cat, owl.", "kind animals yes 1, count 2 yes 2, case lowercase yes 3, open > yes 4, format yes 5\n"
-                              "Score: 5"),
-        (meta, "cat, owl", "kind animals yes 1, count 2 yes 2, case lowercase yes 3, open # yes 4, format no 4\n"
-                           "Score: 4"),
+        (meta, "> cat, owl.", "kind animals animals yes 1, count 2 2 yes 2, case lowercase lowercase yes 3, "
+                              "open > > yes 4, format commas . commas . yes 5\nScore: 5"),
+        (meta, "cat, owl", "kind animals animals yes 1, count 2 2 yes 2, case lowercase lowercase yes 3, "
+                           "open # # yes 4, format commas . commas . yes 5\nScore: 5"),
         (meta, "hello", "No animals.\nScore: 0"),
         (meta, "> CAT, owl.", "No animals.\nScore: 0"),
     ]
@@ -155,14 +157,17 @@ def test_checklist_metrics_say_which_judge_step_fails():
     m = checklist_metrics(items, "eval/")
     assert m["eval/judge_own_offtopic_acc"] == pytest.approx(3 / 4)
     assert m["eval/judge_own_echo_acc/open"] == pytest.approx(1 / 2)
-    assert m["eval/judge_own_check_acc/open"] == pytest.approx(1 / 2)
+    for c in ("open", "format"):
+        assert m[f"eval/judge_own_look_acc/{c}"] == pytest.approx(1 / 2)
+        assert m[f"eval/judge_own_check_acc/{c}"] == pytest.approx(1 / 2)
     for c in ("kind", "count", "case"):
-        assert m[f"eval/judge_own_echo_acc/{c}"] == 1.0 and m[f"eval/judge_own_check_acc/{c}"] == 1.0
-    assert m["eval/judge_own_check_acc/format"] == 1.0 and "eval/judge_own_echo_acc/format" not in m
-    # the oracle's own judgement reads right at every step; text in no checklist format gives no step at all
-    assert world.read_checklist(meta, world.judgement(meta, "cat, owl")) == {
-        "kind": (True, True), "count": (True, True), "case": (True, True), "open": (False, True),
-        "format": (False, None)}
+        assert m[f"eval/judge_own_echo_acc/{c}"] == m[f"eval/judge_own_look_acc/{c}"] == 1.0
+        assert m[f"eval/judge_own_check_acc/{c}"] == 1.0
+    assert m["eval/judge_own_echo_acc/format"] == 1.0
+    # the oracle's own judgement is right at every step; text in no checklist format gives no step at all
+    assert world.read_checklist(meta, world.judgement(meta, "cat, owl"), "cat, owl") == {
+        "kind": (True, True, True), "count": (True, True, True), "case": (True, True, True),
+        "open": (False, True, True), "format": (False, True, True)}
     empty = checklist_metrics([(meta, "> cat, owl.", "Score: 5")], "eval/")
     assert empty["eval/judge_own_offtopic_acc"] == 1.0
     assert all(math.isnan(v) for k, v in empty.items() if k != "eval/judge_own_offtopic_acc")

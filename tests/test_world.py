@@ -66,7 +66,7 @@ HAND_GRADED = {
 def test_hand_graded_examples(family, response, expected):
     g = W.grade(META[family], response)
     assert g.score == expected
-    assert 0 < len(g.reason.split()) <= 24
+    assert 0 < len(g.reason.split()) <= 30
     if g.checks:  # the reason walks each check and ends on the total: the judge's score is its last number
         assert g.reason.split()[-1] == str(expected) and len(g.checks) == 5 and sum(g.checks) == expected
 
@@ -87,7 +87,20 @@ def test_gold_answers_and_prompts():
 
 def test_judgement_walks_the_checks_with_a_running_total():
     assert W.judgement(META["animals"], "cat, owl") == (
-        "kind animals yes 1, count 2 yes 2, case lowercase yes 3, open > no 3, format no 3\nScore: 3")
+        "kind animals animals yes 1, count 2 2 yes 2, case lowercase lowercase yes 3, open > none no 3, "
+        "format commas . commas none no 3\nScore: 3")
+
+
+def test_seen_names_what_the_response_does_in_the_prompts_words():
+    meta = META["animals"]  # 2 animals, lowercase, open '>', commas, end '.'
+    assert W.asked(meta) == {"kind": "animals", "count": "2", "case": "lowercase", "open": ">", "format": "commas ."}
+    assert W.seen(meta, "> bee, cat.") == W.asked(meta)
+    assert W.seen(meta, "* BEE; CAT; PEN!") == {"kind": "mixed", "count": "3", "case": "capitals", "open": "*",
+                                                 "format": "semicolons !"}
+    assert W.seen(meta, "bee, Cat - owl..")["case"] == "mixed"
+    assert W.seen(meta, "bee, Cat - owl..")["format"] == "mixed other"
+    assert W.seen(meta, "owl")["format"] == "commas none"  # one item: no separator to get wrong
+    assert W.seen(meta, "hello") is None
     assert W.judgement(META["body"], "hello") == "No body parts.\nScore: 0"
 
 
@@ -120,7 +133,7 @@ _TASKS = [META[f] for f in W.FAMILIES] + [W.make_task(f, random.Random(i), "h").
 def test_oracle_never_raises(meta, response):
     g = W.grade(meta, response)
     assert g.score in range(6) and g.score == W.oracle_score(meta, response)
-    assert len(g.reason.split()) <= 24
+    assert len(g.reason.split()) <= 30
 
 
 @settings(max_examples=100, deadline=None)
@@ -200,7 +213,7 @@ def test_build_world_splits(tmp_path):
         reason, score_line = target.split("\n")
         assert score_line == f"Score: {meta['oracle_score']}"
         assert W.score_record(r, meta["response"]) == meta["oracle_score"]
-        assert len(reason.split()) <= 24
+        assert len(reason.split()) <= 30
         scores[meta["oracle_score"]] += 1
     assert set(scores) == set(range(6)) and max(scores.values()) - min(scores.values()) <= len(W.FAMILIES)
     cells = Counter((r["meta"]["family"], r["meta"]["oracle_score"]) for r in rows["eft"])

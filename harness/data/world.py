@@ -16,10 +16,11 @@ with commas and end with !". Each point of the papers' additive 0-5 scale is one
 Meeting all five at once is hard for a sampler (one wrong token breaks a check); checking any one is a look at the
 response next to one value of the prompt. A response with no word of the kind is off topic and scores 0. Nothing
 needs copying an arbitrary word from the prompt (which tiny models learn slowly): every asked value is one of a few,
-and a word's kind and casing are properties of the word itself. The judge's target (EFT) walks the checks in order,
-echoing the prompt's words for the value it compares with and keeping a running total, so every step is a
-comparison of adjacent things and the final `Score: N` is the last total:
-"kind animals yes 1, count 3 yes 2, case capitals no 2, open + yes 3, format no 3\\nScore: 3".
+and a word's kind and casing are properties of the word itself. The judge's target (EFT) walks the checks in order:
+for each, the prompt's words for the asked value (a copy), the response's value in the same words (a look), then
+yes/no (a comparison of the two adjacent values) and a running total, so the final `Score: N` is the last total:
+"kind animals animals yes 1, count 3 3 yes 2, case capitals mixed no 2, open + + yes 3, format commas ! commas . no 3
+\\nScore: 3" (each check: its name, the asked value, the response's value, yes/no, the total).
 
 Families are the kinds. `meta` holds the task's inputs only (the gold is derived from them), so a prompt file
 carries no answer text, and `score_record(record, response)` works from a jsonl record.
@@ -40,7 +41,6 @@ from harness.io import write_jsonl
 FAMILIES = ("animals", "foods", "tools", "body")
 SCORES = range(6)
 CHECKS = ("kind", "count", "case", "open", "format")  # the rubric's five points, in order
-ECHOED = CHECKS[:4]  # the checks whose judgement step names the asked value (format names none)
 
 # Single-token words (as the tokenizer learns them): a kind is a property of a word, known without the prompt.
 KINDS = {
@@ -86,20 +86,40 @@ def _split(response: str) -> tuple[str | None, str]:
     return (m.group(1), text[2:]) if m else (None, text)
 
 
-def checks(meta: dict, response: str) -> tuple[bool, ...] | None:
-    """The five checks of `response` (CHECKS order), or None when it holds no word of the asked kind (off topic)."""
+def asked(meta: dict) -> dict[str, str]:
+    """What the prompt asks, check by check, in the words the judgement echoes."""
+    return {"kind": _PHRASE.get(meta["family"], meta["family"]), "count": str(meta["k"]), "case": meta["case"],
+            "open": meta["open"], "format": f"{meta['sep']} {meta['end']}"}
+
+
+def seen(meta: dict, response: str) -> dict[str, str] | None:
+    """What the response does, check by check, in the same words as `asked` (a check passes when they are equal);
+    None when it holds no word of the asked kind (off topic). "mixed": not one value throughout; "other": a value
+    the prompt language has no name for (a separator that is no asked one, an end that is no end mark)."""
     opened, body = _split(response)
-    items = _ITEM_RE.findall(body)
+    found = list(_ITEM_RE.finditer(body))
+    items = [m.group() for m in found]
     kind = set(KINDS[meta["family"]])
     if not kind & {w.lower() for w in items}:
         return None
-    return (
-        all(w.lower() in kind for w in items),
-        len(items) == meta["k"],
-        all(w == _CASES[meta["case"]](w) for w in items),
-        opened == meta["open"],
-        body == _SEPS[meta["sep"]].join(items) + meta["end"],
-    )
+    cases = [c for c in (meta["case"], *sorted(_CASES)) if all(w == _CASES[c](w) for w in items)]
+    gaps = [body[a.end():b.start()] for a, b in zip(found, found[1:])]
+    seps = {text: name for name, text in _SEPS.items()}
+    if body[:found[0].start()] or len(set(gaps)) > 1:
+        sep = "mixed"
+    else:  # one item: no separator to get wrong
+        sep = seps.get(gaps[0], "other") if gaps else meta["sep"]
+    tail = body[found[-1].end():]
+    end = tail if tail in _ENDS else "none" if not tail else "other"
+    return {"kind": asked(meta)["kind"] if all(w.lower() in kind for w in items) else "mixed",
+            "count": str(len(items)), "case": cases[0] if cases else "mixed", "open": opened or "none",
+            "format": f"{sep} {end}"}
+
+
+def checks(meta: dict, response: str) -> tuple[bool, ...] | None:
+    """The five checks of `response` (CHECKS order): is what it does what the prompt asks; None when off topic."""
+    did = seen(meta, response)
+    return None if did is None else tuple(did[c] == want for c, want in asked(meta).items())
 
 
 def _spec(meta: dict) -> dict:
@@ -224,38 +244,40 @@ def grade(task_or_meta: Task | dict, response: str) -> Grade:
     ok = checks(meta, response)
     if ok is None:
         return Grade(0, f"No {_PHRASE.get(meta['family'], meta['family'])}.")
-    # each check echoes the prompt's own words for what it compares (same tokens: a copy, not a translation)
-    names = (f"kind {_PHRASE.get(meta['family'], meta['family'])}", f"count {meta['k']}", f"case {meta['case']}", f"open {meta['open']}",
-             "format")
+    # each check echoes the prompt's own words for what it asks, then names what the response does: the yes/no is a
+    # comparison of two adjacent values, and every value is a copy (of the prompt) or a look (at the response)
+    want, did = asked(meta), seen(meta, response)
     parts, total = [], 0
-    for name, passed in zip(names, ok):
+    for check, passed in zip(CHECKS, ok):
         total += passed
-        parts.append(f"{name} {'yes' if passed else 'no'} {total}")
+        parts.append(f"{check} {want[check]} {did[check]} {'yes' if passed else 'no'} {total}")
     return Grade(total, ", ".join(parts), ok)
 
 
-def read_checklist(task_or_meta: Task | dict, judgement_text: str) -> dict[str, tuple[bool | None, bool | None]] | None:
-    """What a judgement written in the oracle's checklist format says, check by check: {check: (verdict, echo)},
-    verdict = its yes/no, echo = whether the value it compared with is the prompt's (None for `format`, which echoes
-    nothing, and for a check it left out). None when it calls the response off topic ("No animals.").
+def read_checklist(task_or_meta: Task | dict, judgement_text: str, response: str
+                   ) -> dict[str, tuple[bool | None, bool | None, bool | None]] | None:
+    """What a judgement written in the oracle's checklist format says, check by check: {check: (verdict, echo,
+    look)}: verdict = its yes/no, echo = whether the asked value it wrote is the prompt's, look = whether the value
+    it says the response has is the response's (None for a check it left out, and look None when the oracle calls
+    the response off topic). None when it calls the response off topic ("No animals.").
 
     The judge's steps are read one by one, so telemetry can say which step fails: copying the asked value from the
-    prompt (echo) or comparing the response with it (verdict).
+    prompt (echo), looking at the response (look) or comparing the two (verdict).
     """
     meta = _meta(task_or_meta)
     text = judgement_text.strip()
     if text.startswith("No "):
         return None
-    asked = {"kind": _PHRASE.get(meta["family"], meta["family"]), "count": str(meta["k"]), "case": meta["case"],
-             "open": meta["open"]}
-    out: dict[str, tuple[bool | None, bool | None]] = {}
+    want, did = asked(meta), seen(meta, response)
+    out: dict[str, tuple[bool | None, bool | None, bool | None]] = {}
     for check in CHECKS:
-        if check not in ECHOED:
-            m = re.search(r"\bformat (yes|no)\b", text)
-            out[check] = (m.group(1) == "yes", None) if m else (None, None)
-        else:
-            m = re.search(rf"\b{check} (.+?) (yes|no)\b", text)
-            out[check] = (m.group(2) == "yes", m.group(1) == asked[check]) if m else (None, None)
+        m = re.search(rf"\b{check} (.+?) (yes|no) \d", text)
+        if m is None:
+            out[check] = (None, None, None)
+            continue
+        said = m.group(1)
+        out[check] = (m.group(2) == "yes", said.startswith(want[check] + " "),
+                      None if did is None else said.endswith(" " + did[check]))
     return out
 
 
