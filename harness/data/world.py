@@ -159,6 +159,13 @@ def _sample(family: str, rng: random.Random) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- degrade
+def _misspell(word: str, rng: random.Random) -> str:
+    """A non-word near `word`: a letter changed, dropped, doubled or added (may rarely be a word: callers verify)."""
+    at, letter = rng.randrange(len(word)), rng.choice("abcdefghijklmnopqrstuvwxyz")
+    return [word[:at] + letter + word[at + 1:], word[:at] + word[at + 1:] or letter, word[:at] + word[at] + word[at:],
+            word + letter][rng.randrange(4)]
+
+
 def _candidate(meta: dict, fail: set[str], rng: random.Random) -> str:
     """A response meant to fail exactly the checks in `fail` (the caller verifies with the oracle)."""
     valid = _valid_words(meta)
@@ -169,10 +176,10 @@ def _candidate(meta: dict, fail: set[str], rng: random.Random) -> str:
             items.pop(rng.randrange(len(items)))
         else:
             items.insert(rng.randrange(len(items) + 1), rng.choice(pool))
-    if "kind" in fail:  # words of another kind (as a sampler confuses them), or a word changed
+    if "kind" in fail:  # words of another kind, or a word misspelt, as a sampler writes them
         foreign = [w for w in _WORDS if w not in valid]
         for at in rng.sample(range(len(items)), rng.randint(1, max(1, len(items) - 1))):
-            items[at] = rng.choice(foreign) if rng.random() < 0.7 else items[at] + "s"
+            items[at] = rng.choice(foreign) if rng.random() < 0.5 else _misspell(items[at], rng)
     case = _CASES[meta["case"]]
     cased = [case(w) for w in items]
     if "case" in fail:
