@@ -311,15 +311,17 @@ def load(path: str | Path | None = None, overrides: list[str] = (), *, warn=prin
             raise ConfigError(f"{p}: expected a mapping at the top level")
         tree = _number_aware_yaml(tree)
     valid = set(all_keys())
-    node = OmegaConf.create(tree)
     deleted = {}
-    for text in overrides:
-        _apply(node, text, valid)
-        if text.startswith("~"):
-            deleted[parse_override(text)[1]] = text
+    if overrides:
+        node = OmegaConf.create(tree)
+        for text in overrides:
+            _apply(node, text, valid)
+            if text.startswith("~"):
+                deleted[parse_override(text)[1]] = text
+        tree = OmegaConf.to_container(node, resolve=False)
     ignored: list[str] = []
     try:
-        cfg = _compose(OmegaConf.to_container(node, resolve=False), ignored)
+        cfg = _compose(tree, ignored)
     except ConfigError as e:
         # A deleted key falls back to its default; say so, or the message blames only the key it was checked with.
         notes = [f"{k} is at its default {get(Config(), k)!r} (deleted by {t!r})" for k, t in deleted.items()

@@ -128,6 +128,7 @@ def test_hydra_values_quoting_dicts_and_interpolation(tmp_path):
     assert cfg.model.spin.llm_judge_prompt == "it's {{ prompt }} {{ response }}"
     p = tmp_path / "p.yaml"
     p.write_text("model:\n  optim:\n    lr: 1.0e-4\n  sft:\n    lr: ${model.optim.lr}\n")
+    assert config.load(p, warn=None).model.sft.lr == 1e-4
     assert config.load(p, ["model.optim.lr=0.25"], warn=None).model.sft.lr == 0.25
     with pytest.raises(config.ConfigError, match="a sweep of values runs many configs"):
         config.load(None, ["seed=1,2"], warn=None)
