@@ -18,7 +18,7 @@ from harness.io import DataError
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default="params.yaml",
                    help="params file (default: params.yaml; 'none' for the built-in defaults)")
-    p.add_argument("overrides", nargs="*", help="NeMo/Hydra overrides: key=value, +key=value, ++key=value")
+    p.add_argument("overrides", nargs="*", help="NeMo/Hydra overrides: key=value, +key=value, ++key=value, ~key")
 
 
 def cmd_config_show(args) -> int:

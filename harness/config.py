@@ -56,7 +56,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         ov = _hydra_parser().parse_override(text)
     except HydraException as e:
         reason = str(e).strip().splitlines()[-1]
-        raise ConfigError(f"override {text!r}: expected key=value, +key=value, ++key=value or ~key ({reason})") from None
+        raise ConfigError(f"override {text!r}: expected key=value, +key=value, ++key=value or ~key, a value with "
+                          f"characters other than letters, digits, spaces and /.-_+:$%*@?| in quotes ({reason})") from None
     if ov.is_sweep_override():
         raise ConfigError(f"override {text!r}: a sweep of values runs many configs (harness sweep); quote a value "
                           "that holds a comma: key='a,b'")
