@@ -265,7 +265,7 @@ def _apply(tree: Any, text: str, valid: set[str]) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     op, key, value = parse_override(text)
-    known = key in valid or _is_launcher_only(key) or _is_prefix(key, valid)
+    known = key in valid or _is_launcher_only(key) or any(v.startswith(key + ".") for v in valid)
     if op == "" and not known:
         raise ConfigError(f"unknown config key {key} in override {text!r}{closest(key, sorted(valid))}")
     present = OmegaConf.select(tree, key, default=_ABSENT, throw_on_resolution_failure=False)
@@ -338,14 +338,6 @@ def validate(cfg: Config) -> None:
     from harness.config_checks import validate as check
 
     check(cfg)
-
-
-def _is_prefix(key: str, valid: set[str]) -> bool:
-    return any(v.startswith(key + ".") for v in valid)
-
-
-def from_dict(tree: dict) -> Config:
-    return _compose(tree, [])
 
 
 def uses_task_world(cfg: Config) -> bool:
