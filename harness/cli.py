@@ -1,4 +1,6 @@
-"""`harness <stage>`: thin entry points; each parses paths + config and calls one function.
+"""`harness ...`: the argument parser and the commands that are not pipeline stages (config, pipeline, exp, sweep,
+table, export-nemo); the pipeline's stage commands are harness.stage_commands'. Each parses paths + config and calls
+one function.
 
     harness config show model.spin.use_meta_judge=true model.spin.meta_judge_pcnt=0.1
 """
@@ -9,24 +11,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from harness import config
-from harness.io import DataError, stage_outputs
-from harness.timing import CLOCK
+from harness import config, stage_commands
+from harness.io import DataError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default="params.yaml",
                    help="params file (default: params.yaml; 'none' for the built-in defaults)")
-    p.add_argument("overrides", nargs="*", help="NeMo/Hydra overrides: key=value, +key=value, ++key=value")
-
-
-def load_config(args) -> config.Config:
-    path = None if args.config in ("none", "") else args.config
-    return config.load(path, args.overrides, warn=lambda m: print(m, file=sys.stderr))
+    p.add_argument("overrides", nargs="*", help="NeMo/Hydra overrides: key=value, +key=value, ++key=value, ~key")
 
 
 def cmd_config_show(args) -> int:
-    print(config.dump(load_config(args)), end="")
+    print(config.dump(stage_commands.load_config(args)), end="")
     return 0
 
 
@@ -37,222 +33,11 @@ def cmd_config_keys(args) -> int:
     return 0
 
 
-def _setup(args) -> tuple[config.Config, object]:
-    import random
-
-    import harness.determinism  # noqa: F401 - sets the NVTE_*/CUBLAS flags before any model import
-    from harness.layout import Layout, log_dir
-
-    cfg = load_config(args)
-    if cfg.trainer.devices * cfg.trainer.num_nodes > 1:  # data parallel (torch is needed then anyway)
-        from harness import parallel
-
-        if parallel.needs_launch(cfg):  # trainer.devices > 1 outside torchrun: run this command under torchrun
-            sys.exit(parallel.relaunch(cfg, args.argv))
-        parallel.setup(cfg)
-    random.seed(cfg.seed)  # torch is set up where a model is first loaded or built (_torch)
-    return cfg, Layout(Path(args.root) if args.root else log_dir(cfg))
-
-
-def _torch(cfg: config.Config) -> None:
-    """torch's import, threads, seeds and device (harness.parallel), counted as model loading: stages without a model
-    skip it."""
-    from harness.determinism import torch_ready
-
-    with CLOCK.phase("load"):
-        torch_ready(cfg.seed)
-        from harness import parallel
-
-        parallel.setup(cfg)
-
-
-def _iteration(cfg: config.Config, t: int, *, sft: bool = False) -> int:
-    n = cfg.trainer.self_rewarding.max_iterations
-    if not 0 <= t < n:
-        raise config.ConfigError(f"--iteration {t}: trainer.self_rewarding.max_iterations={n} allows 0..{n - 1}")
-    if not sft and t == 0 and cfg.model.spin.first_iteration_sft:
-        raise config.ConfigError("--iteration 0 is the SFT iteration (model.spin.first_iteration_sft=true): run `harness sft`")
-    return t
-
-
-def cmd_prepare(args) -> int:
-    from harness import stages, tracking
-
-    cfg, lay = _setup(args)
-    with tracking.stage_run(cfg, "prepare") as tr:
-        CLOCK.stage_begins()
-        if cfg.pretrained_checkpoint.restore_from_path is None:
-            _torch(cfg)
-        with stage_outputs(lay.world, lay.base_model):
-            out = stages.prepare(cfg, lay)
-        if tr:
-            tr.log_metrics({f"prepare/{k}": v for k, v in out.items()}, parent=True)
-            for name, context in (("ift", "train"), ("eft", "train"), ("mft", "train"), ("validation", "validation"),
-                                  ("test", "test")):
-                tr.log_dataset(lay.world / f"{name}.jsonl", f"world/{name}", context, parent=True)
-    _done(lay, "prepare", None, out, tr)
-    return 0
-
-
-def cmd_sft(args) -> int:
-    from harness import stages, tracking
-    from harness.layout import sft_files
-
-    cfg, lay = _setup(args)
-    if not cfg.model.spin.first_iteration_sft:
-        raise config.ConfigError("harness sft runs iteration 0 only with model.spin.first_iteration_sft=true")
-    with tracking.stage_run(cfg, "sft", 0) as tr:
-        CLOCK.stage_begins()
-        _torch(cfg)
-        with stage_outputs(lay.it(0)):
-            summary, history = stages.run_sft(cfg, lay)
-        if tr:
-            tr.log_history(history)
-            tr.log_metrics(summary, step=0)
-            _tag_resume(tr, history)
-            for name, path in sft_files(cfg, lay).items():
-                tr.log_dataset(path, f"sft/{name}", "train")
-    _done(lay, "sft", None, summary, tr)
-    return 0
-
-
-def cmd_sft_baseline(args) -> int:
-    from harness import stages, tracking
-    from harness.evaluate import run_evaluate_baseline
-
-    cfg, lay = _setup(args)
-    if not stages.use_sft_baseline(cfg):
-        raise config.ConfigError("harness sft_baseline needs the task world, model.spin.first_iteration_sft=true and "
-                            "model.sft.baseline=true")
-    with tracking.stage_run(cfg, "sft_baseline") as tr:
-        CLOCK.stage_begins()
-        _torch(cfg)
-        with stage_outputs(lay.baseline):
-            summary, history = stages.run_sft(cfg, lay, baseline=True)
-            metrics = run_evaluate_baseline(cfg, lay)
-        if tr:
-            tr.log_metrics({f"sft_baseline/{k.split('/')[-1]}": v for k, v in {**summary, **metrics}.items()},
-                           parent=True)
-            _tag_resume(tr, history)
-    _done(lay, "sft_baseline", None, {**summary, **metrics}, tr)
-    return 0
-
-
-def iteration_stages() -> dict:
-    """Each iteration stage's one home: a function (cfg, lay, t) that does the stage's whole job, its files included,
-    and returns its metrics (train: (metrics, history))."""
-    from harness import evaluate, stages
-
-    return {"generate": stages.run_generate, "judge": stages.run_judge, "meta_judge": stages.run_meta_judge,
-            "pairs": stages.run_pairs, "train": stages.run_train, "evaluate": evaluate.run_evaluate}
-
-
-def _stage(name: str):
-    """`harness <name> --iteration t`: set up, run the stage's function under MLflow and the timer, log its metrics."""
-
-    def cmd(args) -> int:
-        from harness import stages, tracking
-
-        cfg, lay = _setup(args)
-        t = _iteration(cfg, args.iteration, sft=name == "evaluate")
-        with tracking.stage_run(cfg, name, t) as tr:
-            CLOCK.stage_begins()
-            if name != "pairs" and (name != "meta_judge" or cfg.model.spin.use_meta_judge):
-                _torch(cfg)
-            with stage_outputs(lay.it(t)):  # all of the stage's outputs, or (on any error) none of them
-                out = iteration_stages()[name](cfg, lay, t)
-            metrics, history = out if isinstance(out, tuple) else (out, [])
-            warning = stages.no_pairs_warning(metrics, t) if name in ("pairs", "train") else None
-            if warning:
-                print(f"harness: WARNING: {warning}", file=sys.stderr)
-            if tr:
-                tr.log_history(history)
-                _tag_resume(tr, history)
-                if name == "evaluate":  # the run's headline numbers: on the pipeline run too
-                    tr.log_metrics(metrics, step=t, parent=True)
-                tr.log_metrics(metrics, step=t)
-                if warning:
-                    tr.set_tags({"harness.warning": warning})
-                    tr.set_tags({f"harness.warning.iter{t}": warning}, parent=True)
-                _MLFLOW_EXTRAS.get(name, lambda *a: None)(tr, cfg, lay, t)
-        _done(lay, name, t, metrics, tr)
-        return 0
-
-    return cmd
-
-
-def _done(lay, stage: str, t: int | None, metrics: dict, tr) -> None:
-    """The stage's timings (timings/<stage>.json and MLflow time/<stage>/...) and its one summary line."""
-    from harness.io import write_json
-    from harness.timing import stage_name, summary_line, timings_file
-
-    times = CLOCK.metrics()
-    write_json(timings_file(lay.root, stage, t), {"stage": stage_name(stage, t), **times})
-    if tr:  # the runs are attached by now: this goes straight to MLflow
-        tr.log_metrics({f"time/{stage}/{k.split('/', 1)[1]}": v for k, v in times.items()}, step=t or 0)
-    print(summary_line(stage_name(stage, t), metrics, times), flush=True)
-
-
-def _tag_resume(tr, history) -> None:
-    """A resumed training stage says so in MLflow too (train.History already said it on stderr)."""
-    note = getattr(history, "resume_note", None)
-    if note:
-        tr.set_tags({"harness.resumed": note})
-
-
-def _log_pairs_table(tr, cfg, lay, t: int, n: int = 32) -> None:
-    from harness.io import read_jsonl
-
-    rows = read_jsonl(lay.it(t) / "pairs.jsonl")[:n]
-    tr.log_table({k: [str(r[k]) for r in rows] for k in ("kind", "prompt", "chosen", "rejected", "chosen_score",
-                                                        "rejected_score")}, "pairs_sample.json")
-
-
-def _log_prompts(tr, cfg, lay, t: int) -> None:
-    from harness.layout import prompts_file
-
-    tr.log_dataset(prompts_file(cfg, lay, t), f"prompts/iter{t}", "prompts")
-
-
-_MLFLOW_EXTRAS = {"pairs": _log_pairs_table, "generate": _log_prompts}  # what a stage logs beyond its metrics
-
-
-def cmd_report(args) -> int:
-    from harness import tracking
-    from harness.evaluate import run_report
-    from harness.io import atomic_path
-    from harness.timing import write_summary
-
-    cfg, lay = _setup(args)
-    with tracking.stage_run(cfg, "report", finish_parent=True) as tr:
-        CLOCK.stage_begins()
-        out = Path(args.out)
-        with atomic_path(out) as tmp:
-            final = run_report(cfg, lay, tmp)
-        summary = write_summary(lay.root)  # where the time went: kept apart from the bit-identical report
-        if tr:
-            tr.log_metrics({f"final/{k}": v for k, v in final.items()}, parent=True)
-            tr.log_artifact(out / "report.md", "report", parent=True)
-            tr.log_artifact(out / "iterations.csv", "report", parent=True)
-            for png in sorted((out / "plots").glob("*.png")):
-                tr.log_artifact(png, "report/plots", parent=True)
-            for f in summary:
-                tr.log_artifact(f, "timings", parent=True)
-            tr.log_artifact("dvc.lock", parent=True)
-            tr.log_artifact("params.yaml", parent=True)
-            tr.set_tags({"dvc_lock_hash": tracking.file_tag("dvc.lock")}, parent=True)
-            if cfg.tracking.log_model:
-                tr.log_artifact(lay.model(cfg.trainer.self_rewarding.max_iterations - 1), "model", parent=True)
-    print((Path(args.out) / "report.md").read_text(encoding="utf-8"))
-    _done(lay, "report", None, final, tr)
-    return 0
-
-
 def cmd_pipeline(args) -> int:
     from harness import pipeline
     from harness.io import write_text
 
-    cfg = load_config(args)
+    cfg = stage_commands.load_config(args)
     if args.action == "write":
         write_text(args.dvc_yaml, pipeline.render(cfg))
         print(f"wrote {args.dvc_yaml}")
@@ -283,7 +68,7 @@ def cmd_export_nemo(args) -> int:
     from harness.models import nemo
     from harness.models.base import load_policy
 
-    cfg, _ = _setup(args)
+    cfg, _ = stage_commands.setup(args)
     policy = load_policy(args.src, backend=cfg.model.backend)
     nemo.write(policy, args.out, policy.config)
     print(f"wrote {args.out}")
@@ -331,16 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     pipe.add_argument("--dvc-yaml", default="dvc.yaml")
     _add_config_args(pipe)
     pipe.set_defaults(func=cmd_pipeline)
-    stage_parser("prepare", "task world (when no data is configured) and tiny base model M0", cmd_prepare)
-    stage_parser("sft", "iteration 0: SFT on gold answers (IFT) and judge data (EFT) -> M1", cmd_sft)
-    stage_parser("sft_baseline", "the papers' SFT baseline (IFT only) and its test answers", cmd_sft_baseline)
+    stage_parser("prepare", "task world (when no data is configured) and tiny base model M0",
+                 stage_commands.cmd_prepare)
+    stage_parser("sft", "iteration 0: SFT on gold answers (IFT) and judge data (EFT) -> M1", stage_commands.cmd_sft)
+    stage_parser("sft_baseline", "the papers' SFT baseline (IFT only) and its test answers",
+                 stage_commands.cmd_sft_baseline)
     helps = {"generate": "N responses per prompt from M_t", "judge": "k judge samples per response by M_t",
              "meta_judge": "Meta-Rewarding: M_t judges its judgements -> judge pairs",
              "pairs": "preference pairs (length control, bad samples, judge-pair mixing)",
              "train": "preference training M_t -> M_t+1", "evaluate": "oracle / judge evaluation of M_t+1"}
     for name in STAGES:
-        stage_parser(name, helps[name], _stage(name), iteration=True)
-    stage_parser("report", "markdown table and plots over iterations", cmd_report).add_argument(
+        stage_parser(name, helps[name], stage_commands.stage_command(name), iteration=True)
+    stage_parser("report", "markdown table and plots over iterations", stage_commands.cmd_report).add_argument(
         "--out", default="runs/report", help="report directory")
     exp = sub.add_parser("exp", help="named experiments (experiments/<name>.yaml) as DVC experiments")
     exp_run = exp.add_subparsers(dest="action", required=True).add_parser(

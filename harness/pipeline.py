@@ -51,7 +51,8 @@ STAGE_PARAMS: dict[str, list[str]] = {
 }
 
 _BASE_CODE = ["harness/config.py", "harness/schema.py", "harness/config_checks.py", "harness/io.py", "harness/rows.py",
-              "harness/determinism.py", "harness/layout.py", "harness/stages.py", "harness/cli.py", "harness/data/sft.py", "harness/parallel.py"]
+              "harness/determinism.py", "harness/layout.py", "harness/stages.py", "harness/cli.py",
+              "harness/stage_commands.py", "harness/data/sft.py", "harness/parallel.py"]
 _MODEL_CODE = ["harness/models", "harness/generation"]
 STAGE_CODE: dict[str, list[str]] = {
     "prepare": ["harness/data/world.py", "harness/models", "harness/judging/templates.py"],
@@ -59,8 +60,8 @@ STAGE_CODE: dict[str, list[str]] = {
     "sft_baseline": [*_MODEL_CODE, "harness/train.py", "harness/batches.py", "harness/losses.py", "harness/packing.py",
                      "harness/evaluate.py", "harness/data/world.py"],
     "generate": _MODEL_CODE,
-    "judge": [*_MODEL_CODE, "harness/judging"],
-    "meta_judge": [*_MODEL_CODE, "harness/judging"],
+    "judge": [*_MODEL_CODE, "harness/judging", "harness/judge_stages.py"],
+    "meta_judge": [*_MODEL_CODE, "harness/judging", "harness/judge_stages.py"],
     "pairs": ["harness/pairs.py", "harness/cream.py", "harness/telemetry.py", "harness/data/world.py"],
     "train": ["harness/models", "harness/train.py", "harness/batches.py", "harness/losses.py", "harness/packing.py"],
     "evaluate": [*_MODEL_CODE, "harness/judging", "harness/evaluate.py", "harness/train.py", "harness/batches.py",

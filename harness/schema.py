@@ -7,12 +7,13 @@ This module must not import torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "CREAM_MODES", "ChatPromptTokens", "Config", "ConfigError", "Data", "Dataset", "ExpManager", "LAUNCHER_ONLY",
     "LengthParams", "MIN_TINY_VOCAB", "Model", "Optim", "PAIR_LABELS", "PATHS", "PRECISIONS", "PREFERENCE_LOSSES",
     "PretrainedCheckpoint", "SCHEDULES", "SamplingParams", "Sched", "SelfRewardingTrainer", "SftStage", "Spin",
-    "Tiny", "Tracking", "Trainer", "TrtLlm", "World",
+    "Tiny", "Tracking", "Trainer", "TrtLlm", "UNIONS", "World",
 ]
 
 
@@ -96,13 +97,13 @@ class SamplingParams:
 
 @dataclass
 class Spin:
-    ref_policy_kl_penalty: float | list[float] = 0.1  # DPO beta; scalar or one value per iteration
+    ref_policy_kl_penalty: Any = 0.1  # DPO beta; scalar or one value per iteration (UNIONS)
     num_responses_to_gen: int = 4
     num_evals_to_average: int = 3
     use_meta_judge: bool = False
     meta_judge_pcnt: float = -1.0  # required in [0, 1] when use_meta_judge
     meta_max_relative_pcnt: float = 0.4
-    length_control: float | list[float] = 0.0  # rho; scalar or one value per iteration
+    length_control: Any = 0.0  # rho; scalar or one value per iteration (UNIONS)
     preference_loss: str = "dpo"
     preference_loss_weight: float = 1.0
     sft_loss_weight: float = 0.0
@@ -137,7 +138,7 @@ class ChatPromptTokens:
 
 @dataclass
 class Dataset:
-    file_path: str | list[str] | None = None  # train_ds: a list gives fresh prompts per iteration
+    file_path: Any = None  # str | list[str] | None (UNIONS); train_ds: a list gives fresh prompts per iteration
     max_seq_length: int = 4096
     shuffle: bool = True
 
@@ -219,6 +220,11 @@ class Config:
     tracking: Tracking = field(default_factory=Tracking)
 
 
+# OmegaConf (2.3) structured configs cannot type a union of a scalar and a list: these fields are `Any` in the
+# dataclasses above and harness.config coerces them to these types (per field name; each name is one key's or
+# the four datasets').
+UNIONS = {"ref_policy_kl_penalty": float | list[float], "length_control": float | list[float],
+          "file_path": str | list[str] | None}
 # Keys that only mean something to Megatron/NeMo launchers: accepted, reported once, never fatal.
 LAUNCHER_ONLY = (
     "trainer.logger", "trainer.enable_checkpointing",

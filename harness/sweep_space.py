@@ -254,7 +254,7 @@ def override(key: str, value) -> str:
             return repr(v)
         if isinstance(v, list):
             return "[" + ",".join(fmt(e) for e in v) + "]"
-        return str(v)
+        return config.quote(v) if isinstance(v, str) else str(v)
 
     return f"{key}={fmt(value)}"
 

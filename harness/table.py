@@ -26,14 +26,14 @@ from pathlib import Path
 
 import yaml
 
-from harness import config as C
+from harness import config
 
 METRICS = ["eval/oracle_reward", "eval/win_rate_vs_m1", "eval/judge_own_pairwise_acc", "eval/judge_pairwise_acc",
            "pairs/oracle_correct_frac", "pairs/oracle_reversed_frac"]
 BEGIN, END = "<!-- table:begin -->", "<!-- table:end -->"
 
 
-class TableError(C.ConfigError):
+class TableError(config.ConfigError):
     """A bad table spec or a DVC command that failed; the message names the file, key or command."""
 
 
@@ -80,8 +80,8 @@ def load_spec(path: str | Path) -> Spec:
                 metrics=raw.get("metrics", list(METRICS)), base=raw.get("base", "params.yaml"))
     for cond, ovs in conds.items():  # every condition must load before any experiment runs
         try:
-            C.load(spec.base, [*ovs, f"seed={spec.seeds[0]}"], warn=None)
-        except C.ConfigError as e:
+            config.load(spec.base, [*ovs, f"seed={spec.seeds[0]}"], warn=None)
+        except config.ConfigError as e:
             raise TableError(f"{p}: conditions.{cond}: {e}") from None
     return spec
 
@@ -103,7 +103,7 @@ def run(spec: Spec, jobs: int = 1) -> list[str]:
     if dirty:
         raise TableError(f"uncommitted changes in {', '.join(dirty[:5])}: commit them first (queued experiments run "
                          "the committed code and params)")
-    cfg = C.load(spec.base, warn=None)
+    cfg = config.load(spec.base, warn=None)
     env = dict(os.environ)
     uri = cfg.tracking.tracking_uri or env.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # experiments run in temp dirs
@@ -142,7 +142,7 @@ def experiments() -> dict[str, dict]:
 
 def per_seed_rows(spec: Spec, exps: dict[str, dict]) -> list[dict]:
     """One row per (condition, seed, model M_{t+1}) with the spec's metrics; raises if an experiment is missing."""
-    cfg = C.load(spec.base, warn=None)
+    cfg = config.load(spec.base, warn=None)
     root = cfg.exp_manager.explicit_log_dir or "runs"
     rows = []
     for cond in spec.conditions:
@@ -254,7 +254,7 @@ def collect(spec: Spec, out_dir: Path, readme: Path | None = None, exps: dict | 
 
 
 def _log_mlflow(spec: Spec, summary: list[dict], out_dir: Path) -> None:
-    cfg = C.load(spec.base, warn=None)
+    cfg = config.load(spec.base, warn=None)
     if not cfg.tracking.enabled:
         return
     from mlflow import MlflowClient

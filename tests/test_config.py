@@ -5,6 +5,8 @@ import sys
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from harness import config
 from harness.cli import main
@@ -98,6 +100,50 @@ def test_plus_prefixes_and_delete():
     assert cfg.model.spin.sft_loss_weight == 0.5 and cfg.model.spin.num_evals_to_average == 5
 
 
+def test_hydra_prefixes_relative_to_the_file(tmp_path):
+    """As `dvc exp run -S` applies them to params.yaml: + adds only what the file does not set, ~ deletes back to the
+    schema's default (~key=value only when the value matches)."""
+    p = tmp_path / "p.yaml"
+    p.write_text("model:\n  optim:\n    lr: 1.0e-4\n")
+    assert config.load(p, ["~model.optim.lr"], warn=None).model.optim.lr == 9e-6
+    assert config.load(p, ["~model.optim.lr=1e-4"], warn=None).model.optim.lr == 9e-6
+    assert config.load(p, ["~model.spin.cream"], warn=None).model.spin.cream == "none"  # not in the file: default
+    assert config.load(p, ["++model.optim.lr=0.5"], warn=None).model.optim.lr == 0.5
+    with pytest.raises(config.ConfigError, match=r"could not append, an item is already at model\.optim\.lr"):
+        config.load(p, ["+model.optim.lr=0.5"], warn=None)
+    with pytest.raises(config.ConfigError, match=r"the value of model\.optim\.lr is 0\.0001, not 0\.5"):
+        config.load(p, ["~model.optim.lr=0.5"], warn=None)
+    with pytest.raises(config.ConfigError, match="model.optim.lrr is not in the config; closest valid key: model.optim.lr"):
+        config.load(p, ["~model.optim.lrr"], warn=None)
+
+
+def test_hydra_values_quoting_dicts_and_interpolation(tmp_path):
+    cfg = config.load(None, ["model.spin.judge_reward_regex='(?i)Score: {{ reward }}'", 'exp_manager.name="a,b"',
+                             "model.spin.sampling_params={temperature:0.5,top_k:3}", "model.sft.lr=${model.optim.lr}",
+                             r"model.spin.llm_judge_prompt='it\'s {{ prompt }} {{ response }}'"], warn=None)
+    assert cfg.model.spin.judge_reward_regex == "(?i)Score: {{ reward }}" and cfg.exp_manager.name == "a,b"
+    assert (cfg.model.spin.sampling_params.temperature, cfg.model.spin.sampling_params.top_k) == (0.5, 3)
+    assert cfg.model.spin.sampling_params.top_p == 1.0  # a dict value merges into the section, as in Hydra
+    assert cfg.model.sft.lr == 9e-6  # the interpolation resolves against the schema's default
+    assert cfg.model.spin.llm_judge_prompt == "it's {{ prompt }} {{ response }}"
+    p = tmp_path / "p.yaml"
+    p.write_text("model:\n  optim:\n    lr: 1.0e-4\n  sft:\n    lr: ${model.optim.lr}\n")
+    assert config.load(p, warn=None).model.sft.lr == 1e-4
+    assert config.load(p, ["model.optim.lr=0.25"], warn=None).model.sft.lr == 0.25
+    with pytest.raises(config.ConfigError, match="a sweep of values runs many configs"):
+        config.load(None, ["seed=1,2"], warn=None)
+    with pytest.raises(config.ConfigError, match=r"expected key=value.*\(.*'\('"):  # Hydra's reason, unquoted (
+        config.load(None, ["model.spin.judge_reward_regex=(?i)x"], warn=None)
+    with pytest.raises(config.ConfigError, match="model.sft.lr: .*model.optim.lrr"):
+        config.load(None, ["model.sft.lr=${model.optim.lrr}"], warn=None)
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_quote_round_trips_through_hydra(text):
+    assert config.parse_value(config.quote(text)) == text
+
+
 BAD = [
     (["model.spin.use_meta_jugde=true"], "model.spin.use_meta_jugde.*closest valid key: model.spin.use_meta_judge"),
     (["++model.spin.lenght_control=0.1"], "model.spin.lenght_control.*closest valid key: model.spin.length_control"),
@@ -109,6 +155,10 @@ BAD = [
     (["model.spin.ref_policy_kl_penalty=[0.1,0.1]"], "ref_policy_kl_penalty: a per-iteration list"),
     (["model.spin.preference_loss=kto"], "preference_loss: one of dpo, scale, rpo_bwd_kl, rpo_fwd_kl, ipo, rpo_sq"),
     (["model.micro_batch_size=abc"], "model.micro_batch_size: expected an integer"),
+    (["model.optim.betas=[0.9,abc]"], r"model.optim.betas\[1\]: expected a number, got 'abc'"),
+    (["model.optim.betas=0.9"], "model.optim.betas: expected a list, got 0.9"),
+    (["model.tiny=3"], "model.tiny: expected a mapping, got 3"),
+    (["model.optim.sched.name=null"], "model.optim.sched.name: expected a string, got None"),
     (["model.spin.use_meta_judge=maybe"], "model.spin.use_meta_judge: expected true or false"),
     (["model.spin.sampling_params.top_p=0"], r"top_p: must be in \(0, 1\]"),
     (["model.spin.length_control=1.5"], r"length_control\[0\]: must be in \[0, 1\]"),

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from harness import config, stages
+from harness import config, judge_stages, stages
 from harness.data import sft
 from harness.generation import sampler
 from harness.io import read_json, read_jsonl, write_jsonl
@@ -65,7 +65,7 @@ def test_meta_judge_stage_makes_judge_pairs_at_a_small_prompt_count_and_pairs_mi
     assert len(rows) <= 25  # where the old quota accepted no judge pair at all
     write_jsonl(lay.it(1) / "judged.jsonl", rows)
     monkeypatch.setattr(sampler, "generate", oracle_meta_judge)
-    metrics = stages.run_meta_judge(cfg, lay, 1)
+    metrics = judge_stages.run_meta_judge(cfg, lay, 1)
     judge_pairs = read_jsonl(lay.it(1) / "judge_pairs.jsonl")
     # one pair per chosen-score class (the quota at <= 50 prompts): classes 1..5
     assert metrics["meta/judge_pairs"] == len(judge_pairs) == 5

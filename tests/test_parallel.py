@@ -20,7 +20,7 @@ from harness.generation.sampler import generate
 from harness.models import hf
 from harness.models.tokenizer import train_tokenizer
 from harness.train import train_dpo
-from tests import dist_worker as W
+from tests import dist_worker
 from tests.conftest import ROOT
 
 TEXTS = [f"item {i}: name {i % 7} fruits and {i % 5} tools." for i in range(50)]
@@ -49,7 +49,7 @@ def test_two_data_parallel_ranks_equal_one_process(launched):
 
     d, pairs = launched
     one = load_policy(d / "base")
-    hist = train_dpo(one, pairs, config.load(None, W.OVERRIDES, warn=None), iteration=1)
+    hist = train_dpo(one, pairs, config.load(None, dist_worker.OVERRIDES, warn=None), iteration=1)
     two = json.loads((d / "dp_history.json").read_text())
     assert [h["step"] for h in two] == [1, 2]
     for a, b in zip(hist, two):
@@ -71,13 +71,13 @@ def test_tensor_parallel_2_equals_one_process(launched):
     tp = torch.load(d / "tp.pt", weights_only=True)
     res = json.loads((d / "tp.json").read_text())
     with torch.no_grad():
-        logits = ref.model(input_ids=W.batch(len(ref.tokenizer))).logits
+        logits = ref.model(input_ids=dist_worker.batch(len(ref.tokenizer))).logits
     assert (tp["logits"] - logits).abs().max() < 1e-5
     sp = config.SamplingParams(use_greedy=True, end_strings=[])
-    assert res["generated"] == generate(ref, W.PROMPTS, num_samples=2, sampling_params=sp,
+    assert res["generated"] == generate(ref, dist_worker.PROMPTS, num_samples=2, sampling_params=sp,
                                         length_params=config.LengthParams(max_length=8),
                                         seed_parts=[(1, i) for i in range(3)])
-    cfg = config.load(None, [*W.OVERRIDES, "trainer.self_rewarding.max_steps=1"], warn=None)
+    cfg = config.load(None, [*dist_worker.OVERRIDES, "trainer.self_rewarding.max_steps=1"], warn=None)
     hist = train_dpo(ref, pairs, cfg, iteration=1)
     assert res["history"][0]["train/loss"] == pytest.approx(hist[0]["train/loss"], rel=1e-5)
     assert res["history"][0]["grad_norm"] == pytest.approx(hist[0]["grad_norm"], rel=1e-5)

@@ -185,7 +185,9 @@ def test_example_space_file_is_valid_for_the_default():
 
 @pytest.mark.parametrize("key, value", [("model.optim.lr", 3.0000000000000004e-05),
                                         ("model.spin.length_control", [0, 0, 0.1234567890123, 0.3]),
-                                        ("model.spin.preference_average_log_probs", True), ("seed", 7)])
+                                        ("model.spin.preference_average_log_probs", True), ("seed", 7),
+                                        ("model.spin.judge_reward_regex", r"(?i)Score: {{ reward }}\b"),
+                                        ("exp_manager.name", "a,b 'c'\\")])
 def test_override_round_trips_exactly(key, value):
     cfg = config.load(str(ROOT / "params.yaml"), [override(key, value)], warn=None)
     assert config.get(cfg, key) == value

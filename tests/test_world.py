@@ -14,8 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harness.config import World
-from harness.data import sft
-from harness.data import world as W
+from harness.data import sft, world
 from harness.io import read_jsonl, tree_hash
 from harness.judging import parse
 
@@ -64,7 +63,7 @@ HAND_GRADED = {
 @pytest.mark.parametrize("family,response,expected",
                          [(f, r, s) for f, cases in HAND_GRADED.items() for r, s in cases])
 def test_hand_graded_examples(family, response, expected):
-    g = W.grade(META[family], response)
+    g = world.grade(META[family], response)
     assert g.score == expected
     assert 0 < len(g.reason.split()) <= 30
     if g.checks:  # the reason walks each check and ends on the total: the judge's score is its last number
@@ -72,67 +71,67 @@ def test_hand_graded_examples(family, response, expected):
 
 
 def test_hand_graded_cover_every_family_and_level():
-    assert set(HAND_GRADED) == set(W.FAMILIES)
+    assert set(HAND_GRADED) == set(world.FAMILIES)
     for family, cases in HAND_GRADED.items():
         assert {s for _, s in cases} >= {0, 1, 2, 4, 5}, family
-        assert W.oracle_score(META[family], W.gold_answer(META[family])) == 5
+        assert world.oracle_score(META[family], world.gold_answer(META[family])) == 5
 
 
 def test_gold_answers_and_prompts():
-    assert [W.gold_answer(META[f]) for f in W.FAMILIES] == ["> bee, cat.", "* BUN - EGG - FIG!", "+ Cup / Mug?",
+    assert [world.gold_answer(META[f]) for f in world.FAMILIES] == ["> bee, cat.", "* BUN - EGG - FIG!", "+ Cup / Mug?",
                                                             "# toe | gum | arm | ear:"]
-    assert W.make_task("body", random.Random(1), "t").prompt.startswith("Name ")
-    assert " body parts " in W.make_task("body", random.Random(1), "t").prompt
+    assert world.make_task("body", random.Random(1), "t").prompt.startswith("Name ")
+    assert " body parts " in world.make_task("body", random.Random(1), "t").prompt
 
 
 def test_judgement_walks_the_checks_with_a_running_total():
-    assert W.judgement(META["animals"], "cat, owl") == (
+    assert world.judgement(META["animals"], "cat, owl") == (
         "kind animals animals yes 1, count 2 2 yes 2, case lowercase lowercase yes 3, open > none no 3, "
         "format commas . commas none no 3\nScore: 3")
+    assert world.judgement(META["body"], "hello") == "No body parts.\nScore: 0"
 
 
 def test_seen_names_what_the_response_does_in_the_prompts_words():
     meta = META["animals"]  # 2 animals, lowercase, open '>', commas, end '.'
-    assert W.asked(meta) == {"kind": "animals", "count": "2", "case": "lowercase", "open": ">", "format": "commas ."}
-    assert W.seen(meta, "> bee, cat.") == W.asked(meta)
-    assert W.seen(meta, "* BEE; CAT; PEN!") == {"kind": "mixed", "count": "3", "case": "capitals", "open": "*",
+    assert world.asked(meta) == {"kind": "animals", "count": "2", "case": "lowercase", "open": ">", "format": "commas ."}
+    assert world.seen(meta, "> bee, cat.") == world.asked(meta)
+    assert world.seen(meta, "* BEE; CAT; PEN!") == {"kind": "mixed", "count": "3", "case": "capitals", "open": "*",
                                                  "format": "semicolons !"}
-    assert W.seen(meta, "bee, Cat - owl..")["case"] == "mixed"
-    assert W.seen(meta, "bee, Cat - owl..")["format"] == "mixed other"
-    assert W.seen(meta, "owl")["format"] == "commas none"  # one item: no separator to get wrong
-    assert W.seen(meta, "hello") is None
-    assert W.judgement(META["body"], "hello") == "No body parts.\nScore: 0"
+    assert world.seen(meta, "bee, Cat - owl..")["case"] == "mixed"
+    assert world.seen(meta, "bee, Cat - owl..")["format"] == "mixed other"
+    assert world.seen(meta, "owl")["format"] == "commas none"  # one item: no separator to get wrong
+    assert world.seen(meta, "hello") is None
 
 
 def test_degrade_hits_every_level_for_every_family():
     rng = random.Random(0)
     failed = Counter()
-    for family in W.FAMILIES:
+    for family in world.FAMILIES:
         for seed in range(60):
-            task = W.make_task(family, random.Random(seed), f"t{seed}")
-            assert W.oracle_score(task, task.gold) == 5
+            task = world.make_task(family, random.Random(seed), f"t{seed}")
+            assert world.oracle_score(task, task.gold) == 5
             for target in range(6):
-                g = W.grade(task, W.degrade(task, target, rng))
+                g = world.grade(task, world.degrade(task, target, rng))
                 assert g.score == target
-                failed.update(c for c, ok in zip(W.CHECKS, g.checks) if not ok)
+                failed.update(c for c, ok in zip(world.CHECKS, g.checks) if not ok)
     # every check fails on its own often: the judge learns each one, not a shortcut
-    assert min(failed[c] for c in W.CHECKS) > 0.5 * max(failed.values())
+    assert min(failed[c] for c in world.CHECKS) > 0.5 * max(failed.values())
 
 
 def test_degrade_rejects_bad_level():
     with pytest.raises(ValueError):
-        W.degrade(META["animals"], 6, random.Random(0))
+        world.degrade(META["animals"], 6, random.Random(0))
 
 
-_TASKS = [META[f] for f in W.FAMILIES] + [W.make_task(f, random.Random(i), "h").meta
-                                          for i, f in enumerate(W.FAMILIES * 2)]
+_TASKS = [META[f] for f in world.FAMILIES] + [world.make_task(f, random.Random(i), "h").meta
+                                          for i, f in enumerate(world.FAMILIES * 2)]
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(_TASKS), st.text())
 def test_oracle_never_raises(meta, response):
-    g = W.grade(meta, response)
-    assert g.score in range(6) and g.score == W.oracle_score(meta, response)
+    g = world.grade(meta, response)
+    assert g.score in range(6) and g.score == world.oracle_score(meta, response)
     assert len(g.reason.split()) <= 30
 
 
@@ -141,17 +140,17 @@ def test_oracle_never_raises(meta, response):
                                                           ",", " ", ".", " - ", "!", "?", " / ", ":", "> ", "*"]),
                                          max_size=12))
 def test_oracle_on_near_miss_text(meta, parts):
-    assert W.oracle_score(meta, " ".join(parts)) in range(6)
-    assert W.oracle_score(meta, "".join(parts)) in range(6)
+    assert world.oracle_score(meta, " ".join(parts)) in range(6)
+    assert world.oracle_score(meta, "".join(parts)) in range(6)
 
 
 def test_oracle_non_string_response_scores_zero():
-    assert W.oracle_score(META["animals"], None) == 0
+    assert world.oracle_score(META["animals"], None) == 0
 
 
 def test_make_tasks_balanced_unique_and_deterministic():
-    a = W.make_tasks(50, random.Random(3), "x")
-    b = W.make_tasks(50, random.Random(3), "x")
+    a = world.make_tasks(50, random.Random(3), "x")
+    b = world.make_tasks(50, random.Random(3), "x")
     assert a == b
     assert Counter(t.family for t in a) == {"animals": 13, "foods": 13, "tools": 12, "body": 12}
     assert len({t.prompt for t in a}) == 50 and len({t.id for t in a}) == 50
@@ -165,12 +164,12 @@ SMALL = World(num_ift=40, num_eft=90, prompts_per_iteration=15, num_validation=1
 
 
 def test_build_world_is_byte_identical(tmp_path):
-    a = W.build_world(World(), 7, _judge_text, tmp_path / "a", iterations=[1, 2, 3])
-    b = W.build_world(World(), 7, _judge_text, tmp_path / "b", iterations=[1, 2, 3])
+    a = world.build_world(World(), 7, _judge_text, tmp_path / "a", iterations=[1, 2, 3])
+    b = world.build_world(World(), 7, _judge_text, tmp_path / "b", iterations=[1, 2, 3])
     assert sorted(a) == sorted(b) == sorted(["ift", "eft", "validation", "test", "judge_eval",
                                              "prompts_1", "prompts_2", "prompts_3"])
     assert tree_hash(tmp_path / "a") == tree_hash(tmp_path / "b")
-    W.build_world(World(), 8, _judge_text, tmp_path / "c", iterations=[1, 2, 3])
+    world.build_world(World(), 8, _judge_text, tmp_path / "c", iterations=[1, 2, 3])
     assert tree_hash(tmp_path / "c") != tree_hash(tmp_path / "a")
 
 
@@ -185,7 +184,7 @@ def test_build_world_ignores_hash_seed(tmp_path):
 
 def test_build_world_splits(tmp_path):
     cfg = World()
-    paths = W.build_world(cfg, 1, _judge_text, tmp_path, iterations=[1, 2])
+    paths = world.build_world(cfg, 1, _judge_text, tmp_path, iterations=[1, 2])
     rows = {name: (read_jsonl(p) if name == "judge_eval" else sft.read_sft(p)) for name, p in paths.items()}
     assert {k: len(v) for k, v in rows.items() if k != "judge_eval"} == {
         "ift": cfg.num_ift, "eft": cfg.num_eft, "validation": cfg.num_validation, "test": cfg.num_test,
@@ -194,9 +193,9 @@ def test_build_world_splits(tmp_path):
     # Gold answers score 5 from the record alone; prompt files carry no answer.
     for name in ("ift", "validation", "test"):
         for r in rows[name]:
-            assert W.score_record(r, sft.gold_response(r)) == 5
+            assert world.score_record(r, sft.gold_response(r)) == 5
     for name in ("prompts_1", "prompts_2"):
-        assert all(sft.gold_response(r) is None and r["meta"]["family"] in W.FAMILIES for r in rows[name])
+        assert all(sft.gold_response(r) is None and r["meta"]["family"] in world.FAMILIES for r in rows[name])
 
     # No prompt text in two splits (nor twice in one).
     prompts = {name: [sft.user_text(r) for r in rs] for name, rs in rows.items() if name not in ("eft", "judge_eval")}
@@ -212,10 +211,10 @@ def test_build_world_splits(tmp_path):
         assert sft.user_text(r) == _judge_text(meta["prompt"], meta["response"])
         reason, score_line = target.split("\n")
         assert score_line == f"Score: {meta['oracle_score']}"
-        assert W.score_record(r, meta["response"]) == meta["oracle_score"]
+        assert world.score_record(r, meta["response"]) == meta["oracle_score"]
         assert len(reason.split()) <= 30
         scores[meta["oracle_score"]] += 1
-    assert set(scores) == set(range(6)) and max(scores.values()) - min(scores.values()) <= len(W.FAMILIES)
+    assert set(scores) == set(range(6)) and max(scores.values()) - min(scores.values()) <= len(world.FAMILIES)
     cells = Counter((r["meta"]["family"], r["meta"]["oracle_score"]) for r in rows["eft"])
     assert len(cells) == 24 and max(cells.values()) - min(cells.values()) <= 1
 
@@ -223,25 +222,25 @@ def test_build_world_splits(tmp_path):
     by_task = {}
     for r in rows["judge_eval"]:
         assert set(r) >= {"id", "prompt", "response", "oracle_score", "family", "meta"}
-        assert W.score_record(r, r["response"]) == r["oracle_score"]
+        assert world.score_record(r, r["response"]) == r["oracle_score"]
         by_task.setdefault(r["task_id"], []).append(r["oracle_score"])
     assert len(by_task) == cfg.num_test // 4
     assert all(2 <= len(s) <= 3 and len(set(s)) == len(s) for s in by_task.values())
 
 
 def test_eval_splits_do_not_move_when_training_splits_grow(tmp_path):
-    W.build_world(SMALL, 5, _judge_text, tmp_path / "a", iterations=[1])
+    world.build_world(SMALL, 5, _judge_text, tmp_path / "a", iterations=[1])
     bigger = World(num_ift=80, num_eft=30, prompts_per_iteration=15, num_validation=10, num_test=20)
-    W.build_world(bigger, 5, _judge_text, tmp_path / "b", iterations=[1, 2, 3])
+    world.build_world(bigger, 5, _judge_text, tmp_path / "b", iterations=[1, 2, 3])
     for name in ("test.jsonl", "validation.jsonl", "judge_eval.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
 def test_world_texts_cover_every_character(tmp_path):
-    texts = W.world_texts(200, 0)
-    assert texts == W.world_texts(200, 0)
+    texts = world.world_texts(200, 0)
+    assert texts == world.world_texts(200, 0)
     chars = set("".join(texts))
-    paths = W.build_world(SMALL, 2, lambda p, r: f"{p}\n{r}", tmp_path, iterations=[1])
+    paths = world.build_world(SMALL, 2, lambda p, r: f"{p}\n{r}", tmp_path, iterations=[1])
     for name, p in paths.items():
         rs = read_jsonl(p)
         values = ([r["prompt"] + r["response"] for r in rs] if name == "judge_eval"
@@ -255,8 +254,8 @@ def _meta_text(prompt, response, a, b):
 
 def test_mft_seed_true_judgement_wins_balanced_and_leaves_other_splits_alone(tmp_path):
     cfg = World(num_ift=40, num_eft=60, num_mft=48, prompts_per_iteration=15, num_validation=10, num_test=20)
-    with_mft = W.build_world(cfg, 5, _judge_text, tmp_path / "a", [1, 2], _meta_text)
-    without = W.build_world(cfg, 5, _judge_text, tmp_path / "b", [1, 2])
+    with_mft = world.build_world(cfg, 5, _judge_text, tmp_path / "a", [1, 2], _meta_text)
+    without = world.build_world(cfg, 5, _judge_text, tmp_path / "b", [1, 2])
     assert set(with_mft) - set(without) == {"mft"}
     for name in without:  # the meta-judge seed is drawn last: every other split is byte-identical
         assert tree_hash(with_mft[name]) == tree_hash(without[name]), name
@@ -271,8 +270,8 @@ def test_mft_seed_true_judgement_wins_balanced_and_leaves_other_splits_alone(tmp
         text = sft.user_text(r)
         a = text.split("Judgement A: ")[1].split("\nJudgement B: ")[0]
         b = text.split("\nJudgement B: ")[1]
-        right = W.grade(meta, meta["response"]).reason
-        assert W.score_record(r, meta["response"]) == meta["oracle_score"]
+        right = world.grade(meta, meta["response"]).reason
+        assert world.score_record(r, meta["response"]) == meta["oracle_score"]
         assert a != b and (a if meta["winner"] == "A" else b) == right
         assert target.endswith(f"Winner: Judgement {meta['winner']}")
         assert parse.parse_winner(target) == meta["winner"]
