@@ -171,9 +171,3 @@ class ScoreQuota:
             self.counts[key] = count + 1
             return True
         return False
-
-    def state_dict(self) -> dict:
-        return {"counts": dict(self.counts)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.counts = {str(k): int(v) for k, v in state["counts"].items()}
