@@ -71,6 +71,9 @@ def own_judge_metrics(groups: dict[str, list[tuple[float | None, float]]], famil
     return out
 
 
+STEPS = ("echo", "look", "check")  # a judgement's steps per check: read the prompt, look at the response, compare
+
+
 def checklist_metrics(items: list[tuple[dict, str, str]], prefix: str) -> dict[str, float]:
     """Where the judge goes wrong, step by step, on (task meta, response, judgement text) items, against the oracle:
 
@@ -87,7 +90,7 @@ def checklist_metrics(items: list[tuple[dict, str, str]], prefix: str) -> dict[s
     def mean(xs: list[bool]) -> float:
         return sum(xs) / len(xs) if xs else math.nan
 
-    gate, steps = [], {step: defaultdict(list) for step in ("echo", "look", "check")}
+    gate, steps = [], {step: defaultdict(list) for step in STEPS}
     for meta, response, text in items:
         truth = grade(meta, response).checks
         said = read_checklist(meta, text, response)
@@ -96,8 +99,8 @@ def checklist_metrics(items: list[tuple[dict, str, str]], prefix: str) -> dict[s
             continue
         for c, ok in zip(CHECKS, truth or (None,) * len(CHECKS)):
             verdict, echoed, looked = said[c]
-            for step, value in (("echo", echoed), ("look", looked), ("check", None if ok is None or verdict is None
-                                                                                else verdict == ok)):
+            checked = None if ok is None or verdict is None else verdict == ok
+            for step, value in zip(STEPS, (echoed, looked, checked)):
                 if value is not None:
                     steps[step][c].append(value)
     values = [mean(gate), *(mean(steps[step][c]) for step in steps for c in CHECKS)]
@@ -109,4 +112,4 @@ def checklist_keys(prefix: str) -> list[str]:
     from harness.data.world import CHECKS
 
     return [f"{prefix}judge_own_offtopic_acc",
-            *(f"{prefix}judge_own_{step}_acc/{c}" for step in ("echo", "look", "check") for c in CHECKS)]
+            *(f"{prefix}judge_own_{step}_acc/{c}" for step in STEPS for c in CHECKS)]

@@ -61,7 +61,8 @@ def test_build_tiny_is_deterministic_and_leaves_global_rng(tok):
     c = build_tiny(SMALL, tok, seed=8).model.state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
+    # another seed draws every weight afresh (not a perturbation of seed 7's): almost no element is equal
+    assert (a["model.embed_tokens.weight"] == c["model.embed_tokens.weight"]).float().mean() < 0.01
     cfg = build_tiny(SMALL, tok, seed=7).model.config
     assert (cfg.vocab_size, cfg.hidden_size, cfg.num_key_value_heads, cfg.tie_word_embeddings) == (len(tok), 64, 2, True)
 

@@ -119,7 +119,8 @@ def seen(meta: dict, response: str) -> dict[str, str] | None:
 def checks(meta: dict, response: str) -> tuple[bool, ...] | None:
     """The five checks of `response` (CHECKS order): is what it does what the prompt asks; None when off topic."""
     did = seen(meta, response)
-    return None if did is None else tuple(did[c] == want for c, want in asked(meta).items())
+    want = asked(meta)
+    return None if did is None else tuple(did[c] == want[c] for c in CHECKS)
 
 
 def _spec(meta: dict) -> dict:
