@@ -70,7 +70,7 @@ def eval_metrics(cfg: config.Config, t: int) -> set[str]:
         from harness.data.world import FAMILIES
         from harness.telemetry import checklist_keys
 
-        out |= {"eval/judge_own_pairwise_acc", "eval/judge_own_pairs", *checklist_keys("eval/"),
+        out |= {"eval/judge_own_pairwise_acc", "eval/judge_own_pairs", "eval/sample_oracle_reward", *checklist_keys("eval/"),
                 *(f"eval/{f}/{k}" for f in FAMILIES for k in ("oracle_reward", "judge_own_pairwise_acc"))}
         if use_sft_baseline(cfg):
             out.add("eval/win_rate_vs_sft_baseline")
@@ -119,12 +119,12 @@ def _by_family(answers: list[dict], families: dict[str, str], baseline: list[int
 def judge_own_samples(cfg: config.Config, policy, lay: Layout, t) -> dict:
     """The judge on the policy's own samples: N = num_responses_to_gen sampled answers to the first quarter of the
     test prompts (at least 8), each judged once greedily by the same model; pairwise accuracy against the oracle over the pairs it
-    separates (eval/judge_own_pairwise_acc, per family too), and which of the judge's steps fail
-    (telemetry.checklist_metrics)."""
+    separates (eval/judge_own_pairwise_acc, per family too), which of the judge's steps fail
+    (telemetry.checklist_metrics), and the samples' mean oracle score (eval/sample_oracle_reward)."""
     from harness.data.world import score_record
     from harness.generation.sampler import generate
     from harness.judging.parse import parse_score
-    from harness.telemetry import checklist_metrics, own_judge_metrics
+    from harness.telemetry import checklist_metrics, own_judge_metrics, sample_quality
 
     spin = cfg.model.spin
     recs = sft.read_sft(lay.world / "test.jsonl")
@@ -142,7 +142,7 @@ def judge_own_samples(cfg: config.Config, policy, lay: Layout, t) -> dict:
     for (r, x), o in zip(flat, jouts):
         s = parse_score(o[0]["text"], spin.judge_score_low, spin.judge_score_high, spin.judge_reward_regex)
         groups.setdefault(r["id"], []).append((s, score_record(r, x)))
-    return (own_judge_metrics(groups, {r["id"]: r["meta"]["family"] for r in recs}, "eval/")
+    return (sample_quality(groups, "eval/") | own_judge_metrics(groups, {r["id"]: r["meta"]["family"] for r in recs}, "eval/")
             | checklist_metrics([(r["meta"], x, o[0]["text"]) for (r, x), o in zip(flat, jouts)], "eval/"))
 
 
@@ -251,6 +251,7 @@ ROWS = [
     ("eval/win_rate_vs_m1", "policy: win rate vs M1 (oracle-judged, ties 1/2)"),
     ("eval/win_rate_vs_sft_baseline", "policy: win rate vs the SFT baseline (IFT only; oracle-judged, ties 1/2)"),
     ("eval/perfect_rate", "policy: share of impeccable answers (score 5)"),
+    ("eval/sample_oracle_reward", "policy: mean oracle score of sampled answers (sampling_params, a quarter of test)"),
     ("eval/response_length", "policy: mean answer length (tokens)"),
     ("eval/win_rate_vs_m1_se", "policy: standard error of the win rate vs M1"),
     ("eval/judge_own_pairwise_acc", "judge: pairwise accuracy on its own samples"),
@@ -348,7 +349,7 @@ def run_report(cfg: config.Config, lay: Layout, out_dir: Path) -> dict:
     csv = ["iteration," + ",".join(k.replace("/", "_") for k in keys)]
     csv += [f"{r['iteration']}," + ",".join("" if r.get(k) is None else repr(r.get(k)) for k in keys) for r in rows]
     (out_dir / "iterations.csv").write_text("\n".join(csv) + "\n", encoding="utf-8")
-    plots = {"oracle_reward": ["eval/oracle_reward"], "win_rate": ["eval/win_rate_vs_m1", "eval/win_rate_vs_sft_baseline"],
+    plots = {"oracle_reward": ["eval/oracle_reward", "eval/sample_oracle_reward"], "win_rate": ["eval/win_rate_vs_m1", "eval/win_rate_vs_sft_baseline"],
              "judge": ["eval/judge_pairwise_acc", "eval/judge_own_pairwise_acc", "eval/judge_exact_match",
                        "eval/judge_spearman"],
              "pairs": ["pairs/oracle_correct_frac", "pairs/oracle_tie_frac", "pairs/oracle_reversed_frac"],

@@ -57,6 +57,13 @@ def own_pairwise_acc(groups: dict[str, list[tuple[float | None, float]]]) -> tup
     return (correct / pairs if pairs else math.nan), pairs
 
 
+def sample_quality(groups: dict[str, list[tuple[float | None, float]]], prefix: str) -> dict[str, float]:
+    """<prefix>sample_oracle_reward: the oracle's mean score of every sampled response, judged or not. DPO learns from
+    the sampling distribution, whose quality can lie far below the greedy answer's (eval/oracle_reward)."""
+    scores = [oracle for items in groups.values() for _, oracle in items]
+    return {f"{prefix}sample_oracle_reward": sum(scores) / len(scores) if scores else math.nan}
+
+
 def own_judge_metrics(groups: dict[str, list[tuple[float | None, float]]], families: dict[str, str],
                       prefix: str) -> dict[str, float]:
     """<prefix>judge_own_pairwise_acc overall and per family (<prefix><family>/judge_own_pairwise_acc), plus the

@@ -80,6 +80,7 @@ def test_pairs_are_real_and_scored_by_the_oracle(repro):
         # undefined (null) only when the oracle separates none of the model's own samples
         acc, n = ev["eval/judge_own_pairwise_acc"], ev["eval/judge_own_pairs"]
         assert (acc is None) == (n == 0) and (acc is None or 0.0 <= acc <= 1.0) and "eval/animals/oracle_reward" in ev
+        assert 0.0 <= ev["eval/sample_oracle_reward"] <= 5.0
     assert "## Per task family" in (proj / "runs/report/report.md").read_text()
 
 

@@ -22,7 +22,7 @@ from harness import config
 from harness.data import world
 from harness.io import read_json, read_jsonl, write_jsonl
 from harness.stages import Layout, run_pairs
-from harness.telemetry import own_pairwise_acc, pair_quality
+from harness.telemetry import own_pairwise_acc, pair_quality, sample_quality
 
 ORACLE = [[5, 3, 1, 1], [2, 2, 4, 0], [1, 4, 3, 3], [5, 0, 2, 2]]
 JUDGE = [[4, 4.5, 1, 2], [3, 1, 2, 2.5], [4, 1, 2, 2], [5, 0, 3, 3]]
@@ -125,6 +125,12 @@ def test_pair_quality_and_own_accuracy_edge_cases():
     acc, n = own_pairwise_acc({"x": [(None, 3), (2.0, 1)], "y": [(1.0, 2), (1.0, 0), (1.0, 2)]})
     assert n == 3 and acc == pytest.approx((0 + 0.5 + 0.5) / 3)  # unparsed counts wrong, a judge tie 1/2
     assert math.isnan(own_pairwise_acc({"z": [(1.0, 2), (3.0, 2)]})[0])
+
+
+def test_sample_quality_counts_every_sample_judged_or_not():
+    q = sample_quality({"x": [(None, 5), (2.0, 1)], "y": [(4.0, 0)]}, "eval/")
+    assert q == {"eval/sample_oracle_reward": pytest.approx(2.0)}  # (5 + 1 + 0) / 3, the unparsed judgement too
+    assert math.isnan(sample_quality({}, "eval/")["eval/sample_oracle_reward"])
 
 
 def test_checklist_metrics_say_which_judge_step_fails():
