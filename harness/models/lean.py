@@ -6,8 +6,9 @@ Training stages (sft, sft_baseline, train) used to load transformers' LlamaForCa
 stage, and a forward whose per-module Python overhead (hooks, decorators, output records, mask factories) is most
 of a step's forward time on the tiny model. LeanTrainLM holds the same parameters under the same names, in the same
 order (so AdamW and gradient clipping see them as HF's), and runs the same torch calls in the same order as
-transformers' Llama with SDPA attention (RMSNorm in fp32, RoPE tables, rotate_half, repeat_kv, the SDPA call and
-its mask), so forward, gradients and trained weights are bit-identical to the HF path (tests/test_lean_train.py).
+transformers' Llama with SDPA attention (RMSNorm in fp32, RoPE tables, repeat_kv, the SDPA call and its mask; RoPE's
+rotate_half as an exact equivalent), so forward, gradients and trained weights are bit-identical to the HF path
+(tests/test_lean_train.py).
 It saves a checkpoint with the files HF's save_pretrained writes (same bytes), so users load it with transformers.
 """
 
@@ -42,11 +43,6 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.to(torch.float32)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return w * x.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -97,6 +93,10 @@ class LeanTrainLM(LeanCausalLM):
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * m.rotary_emb.attention_scaling).to(dtype=x.dtype).unsqueeze(1)
         sin = (emb.sin() * m.rotary_emb.attention_scaling).to(dtype=x.dtype).unsqueeze(1)
+        # HF's rotate_half(q) * sin = cat(-q2, q1) * sin == roll(q) * cat(-sin1, sin2), exactly (a sign flip and a
+        # permutation), gradients too: one roll instead of two slices, a neg and a cat per q and k
+        half = c.head_dim // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         groups, hd = c.num_attention_heads // c.num_key_value_heads, c.head_dim
         # sdpa_attention_forward's GQA choice: enable_gqa without a mask, one query packed, else repeat_kv
         gqa = groups > 1 and mask is None
@@ -108,8 +108,8 @@ class LeanTrainLM(LeanCausalLM):
             q = F.linear(h, a.q_proj.weight, a.q_proj.bias).view(B, T, -1, hd).transpose(1, 2)
             k = F.linear(h, a.k_proj.weight, a.k_proj.bias).view(B, T, -1, hd).transpose(1, 2)
             v = F.linear(h, a.v_proj.weight, a.v_proj.bias).view(B, T, -1, hd).transpose(1, 2)
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
+            q = (q * cos) + (q.roll(half, dims=-1) * sin)
+            k = (k * cos) + (k.roll(half, dims=-1) * sin)
             lmask = mask
             if pack_one:
                 q = q.reshape(B, -1, groups, hd)
