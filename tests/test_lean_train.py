@@ -5,6 +5,7 @@ does not cover."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from harness.models.hf import build_tiny, load
 from harness.models.lean import LeanTrainLM, load_for_training, train_config
 from tests.test_train import PAIRS, cfg, tok  # noqa: F401 - tok is a fixture
 
+ROOT = Path(__file__).resolve().parents[1]
 GQA = Tiny(hidden_size=32, num_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
 EXAMPLES = [(p["prompt"], p["chosen"]) for p in PAIRS] + [("Sort: 9 1\n", "1 9"), ("x", "a longer answer here")]
 VALIDATION = [(p["prompt"], p["rejected"]) for p in PAIRS[:5]]
@@ -101,3 +103,21 @@ def test_checkpoints_it_does_not_cover_train_on_transformers(ckpt, tmp_path):
         (d / f.name).write_bytes(f.read_bytes())
     (d / "config.json").write_text(json.dumps({**raw, "model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
     assert type(load_for_training(d).model).__name__ == "MistralForCausalLM"
+
+
+def test_sft_stage_never_imports_transformers_modeling(tmp_path):
+    """The whole sft stage (load, train, validate, save) in a fresh process: no transformers modeling import."""
+    from harness import config, stages
+
+    over = ["model.sft.max_epochs=1", "world.num_ift=8", "world.num_eft=8", "world.num_mft=8", "tracking.enabled=false"]
+    smoke = str(ROOT / "experiments/smoke.yaml")
+    lay = stages.Layout(tmp_path)
+    stages.prepare(config.load(smoke, over, warn=None), lay)
+    code = ("import sys; from harness import config, stages; "
+            f"cfg = config.load({smoke!r}, {over!r}, warn=None); "
+            f"stages.run_sft(cfg, stages.Layout(__import__('pathlib').Path({str(tmp_path)!r}))); "
+            "print(sorted(m for m in sys.modules if m.endswith(('modeling_utils', 'modeling_llama', "
+            "'configuration_llama', 'masking_utils'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    assert type(load(lay.model(0)).model).__name__ == "LlamaForCausalLM"  # its checkpoint: a transformers Llama
