@@ -121,3 +121,25 @@ def test_sft_stage_never_imports_transformers_modeling(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
     assert type(load(lay.model(0)).model).__name__ == "LlamaForCausalLM"  # its checkpoint: a transformers Llama
+
+
+def test_lean_dpo_resumes_after_a_crash_to_the_uninterrupted_bits(ckpt, tmp_path, monkeypatch):
+    """The resume state (weights with a tied head, optimizer) round-trips through LeanTrainLM: a crash after the
+    first save point, then a fresh load, ends on the bits of an uninterrupted run of the HF model."""
+    c = cfg("trainer.self_rewarding.save_interval=2")
+    ref = load(ckpt)
+    whole = train.train_dpo(ref, PAIRS, c, iteration=1)
+    real_save = train._save_state
+
+    def crash(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_save_state", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_dpo(load_for_training(ckpt), PAIRS, c, iteration=1, resume_dir=tmp_path / "r")
+    monkeypatch.setattr(train, "_save_state", real_save)
+    resumed = load_for_training(ckpt)
+    h = train.train_dpo(resumed, PAIRS, c, iteration=1, resume_dir=tmp_path / "r")
+    assert h.resumed_from == 2 and list(h) == list(whole)
+    _same_weights(ref, resumed)
