@@ -6,8 +6,8 @@ Importing transformers' Llama costs about twice torch's import on these machines
 meta_judge and evaluate stage, yet those stages never run its forward: LeanLlama (runners.py) reads the weights
 and runs its own. So this module builds a weights-only module with HF's parameter names from config.json and the
 safetensors files and LeanLlama runs on it unchanged;
-the same weights give the same bits as the HF-loaded model (tests/test_lean_model.py). Training stages still load
-LlamaForCausalLM (autograd through transformers' forward).
+the same weights give the same bits as the HF-loaded model (tests/test_lean_model.py). Training stages load a
+trainable subclass with transformers' forward op for op (models.lean.LeanTrainLM) through load_lean.
 """
 
 from __future__ import annotations
