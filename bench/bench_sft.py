@@ -11,9 +11,12 @@ of 16 examples, micro batch 8 (params.yaml); AdamW, constant LR, grad clipping a
 only (prompt tokens masked), sequences capped at params.yaml's 256 tokens.
 
 Sides:
-- packed: `harness.train.train_sft(..., packed=True)` (the default): each global batch packed into rows as long
-  as its longest example (block-diagonal mask, restarted positions), 8 rows per forward, LM head only on answers.
-- padded: `train_sft(..., packed=False)`, the loop as it was: micro-batches of 8 examples padded to the longest.
+- packed: `harness.train.train_sft(..., packed=True)` (the default) on M0 loaded as the sft stage loads it
+  (models.lean.LeanTrainLM: transformers' Llama forward, same bits, without its per-module overhead): each global
+  batch packed into rows as long as its longest example (block-diagonal mask, restarted positions), 8 rows per
+  forward, LM head only on answers.
+- padded: `train_sft(..., packed=False)` on transformers' LlamaForCausalLM, the loop as it was: micro-batches of 8
+  examples padded to the longest.
 - trl: `SFTTrainer(...).train()` with packing=True (TRL's default BFD packing, padding-free), max_length=256,
   completion-only loss, per_device_train_batch_size=8 packed rows, gradient checkpointing and bf16 off (the same
   fp32 computation). TRL tokenizes and packs in its __init__, which is NOT timed (it favours TRL).
@@ -47,17 +50,19 @@ OVERRIDES = ["model.sft.max_epochs=1", "model.optim.sched.name=constant", "train
              "trainer.self_rewarding.save_interval=100000", "model.data.sft_ds.shuffle=false", "tracking.enabled=false"]
 
 
-def setup(tmp: str):
-    """(cfg, policy M0, examples): the pipeline's own prepare and SFT examples, a fixed subset."""
+def setup(tmp: str, lean: bool = False):
+    """(cfg, policy M0, examples): the pipeline's own prepare and SFT examples, a fixed subset. lean: M0 loaded as
+    the sft stage loads it (models.lean.LeanTrainLM), else as transformers' LlamaForCausalLM (TRL's side)."""
     from harness import stages
     from harness.layout import Layout
     from harness.models.base import load_policy
+    from harness.models.lean import load_for_training
 
     set_threads(THREADS)
     cfg = config.load(str(ROOT / "params.yaml"), OVERRIDES, warn=None)
     lay = Layout(Path(tmp))
     stages.prepare(cfg, lay)
-    policy = load_policy(lay.base_model)
+    policy = (load_for_training if lean else load_policy)(lay.base_model)
     examples, _ = stages.sft_examples(cfg, lay, policy)
     random.Random(SEED).shuffle(examples)
     return cfg, policy, examples[:N_EXAMPLES]
@@ -80,7 +85,7 @@ def _warmup(cfg, policy, examples) -> None:
 
 # ----------------------------------------------------------------------------------------------------- sides
 def ours_prepare(tmp: str, packed: bool):
-    cfg, policy, examples = setup(tmp)
+    cfg, policy, examples = setup(tmp, lean=packed)
     _warmup(cfg, policy, examples)
     return (policy, examples, cfg, packed), {}
 

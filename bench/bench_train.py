@@ -17,6 +17,8 @@ What is timed:
   the reference log-probs (computed once, from the policy before training) and the 8 steps.
 - TRL: `trainer.train()` only: the reference model's forward every step (ref_model passed explicitly) and the
   8 steps. TRL tokenizes the dataset in `DPOTrainer.__init__`, which is NOT timed (it favours TRL slightly).
+- ours loads the model as the train stage does (saved, then models.lean.load_for_training: LeanTrainLM, the same
+  weights and forward bits as transformers' Llama); TRL trains transformers' LlamaForCausalLM.
 - TRL is run with gradient_checkpointing=False and bf16=False (DPOConfig defaults are True/True): the same fp32
   computation as ours, no recomputation.
 Both sides first run one untimed forward+backward of a throwaway copy of the model (same shapes), so one-off kernel
@@ -114,8 +116,13 @@ def _warmup(model, tok, pairs) -> None:
 
 # ----------------------------------------------------------------------------------------------------- ours
 def ours_prepare():
+    from harness.models.lean import load_for_training
+
     tok, policy, pairs = setup()
     cfg = config.load(None, OVERRIDES, warn=None)
+    with tempfile.TemporaryDirectory() as tmp:  # loaded as the train stage loads M_t: LeanTrainLM, same weights
+        policy.save(Path(tmp) / "m", {})
+        policy = load_for_training(Path(tmp) / "m")
     _warmup(policy.model, tok, pairs)
     return (policy, pairs, cfg), {}
 

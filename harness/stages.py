@@ -31,8 +31,9 @@ __all__ = ["Layout", "initial_model", "model_before", "prompts_file", "use_sft_b
 
 
 def load_stage_policy(cfg: config.Config, path: Path, *, generation: bool = False):
-    """The policy at `path`; generation=True (the stage only generates and scores) skips transformers' modeling
-    import where LeanLlama covers the checkpoint (generation.lean_model)."""
+    """The policy at `path`, without transformers' modeling import where the lean models cover the checkpoint:
+    generation=True (the stage only generates and scores) loads generation.lean_model's, else (training) the
+    trainable models.lean.LeanTrainLM (transformers' Llama forward, same bits)."""
     from harness.determinism import torch_ready
     from harness.timing import CLOCK
 
@@ -42,6 +43,10 @@ def load_stage_policy(cfg: config.Config, path: Path, *, generation: bool = Fals
             from harness.generation.lean_model import load_for_generation
 
             policy = load_for_generation(path)
+        elif cfg.model.backend == "hf":
+            from harness.models.lean import load_for_training
+
+            policy = load_for_training(path)
         else:
             from harness.models.base import load_policy
 

@@ -276,11 +276,13 @@ def reference_logps(policy, ch: list[Encoded], rj: list[Encoded], average: bool,
 
 
 def code_version() -> str:
-    """A hash of the training code (this module, the losses, packing): state written by other code is not reused."""
+    """A hash of the training code (this module, the losses, packing, the lean forward): state written by other code
+    is not reused."""
     from harness import losses, packing
+    from harness.models import lean
 
     h = hashlib.sha256()
-    for mod in (sys.modules[__name__], losses, packing):
+    for mod in (sys.modules[__name__], losses, packing, lean):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
 

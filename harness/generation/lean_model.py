@@ -6,8 +6,8 @@ Importing transformers' Llama costs about twice torch's import on these machines
 meta_judge and evaluate stage, yet those stages never run its forward: LeanLlama (runners.py) reads the weights
 and runs its own. So this module builds a weights-only module with HF's parameter names from config.json and the
 safetensors files and LeanLlama runs on it unchanged;
-the same weights give the same bits as the HF-loaded model (tests/test_lean_model.py). Training stages still load
-LlamaForCausalLM (autograd through transformers' forward).
+the same weights give the same bits as the HF-loaded model (tests/test_lean_model.py). Training stages load a
+trainable subclass with transformers' forward op for op (models.lean.LeanTrainLM) through load_lean.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ class _W(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(shape, device="meta"))
         self.bias = nn.Parameter(torch.empty(shape[0], device="meta")) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # as nn.Linear (the LM head of a trained LeanTrainLM)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
 class _Rotary(nn.Module):
@@ -108,12 +111,8 @@ def lean_config(raw: dict) -> SimpleNamespace | None:
 
 def load_for_generation(path: str | Path, dtype: torch.dtype = torch.float32):
     """A Policy for generation and logits: LeanCausalLM where the checkpoint fits it, else models.hf.load."""
-    from safetensors import safe_open
-
-    from harness import parallel
     from harness.io import recover
-    from harness.models import hf
-    from harness.models.base import check_finite, load_policy
+    from harness.models.base import load_policy
 
     path = Path(path)
     recover(path)
@@ -121,10 +120,25 @@ def load_for_generation(path: str | Path, dtype: torch.dtype = torch.float32):
         config = lean_config(json.loads((path / "config.json").read_text(encoding="utf-8")))
     except (OSError, json.JSONDecodeError):
         config = None
-    files = [path / "model.safetensors"]
-    if config is None or not files[0].is_file():  # .nemo, sharded, missing or unusual: the full loader, its checks
+    if config is None:
         return load_policy(path, "hf", dtype)
-    model = LeanCausalLM(config)
+    return load_lean(path, dtype, lambda: LeanCausalLM(config))
+
+
+def load_lean(path: Path, dtype: torch.dtype, make_model) -> object:
+    """A Policy whose model is make_model() (a LeanCausalLM, built on meta) with the checkpoint's weights; the full
+    loader (models.base.load_policy: transformers, its checks and errors) where the files do not fit it."""
+    from safetensors import safe_open
+
+    from harness import parallel
+    from harness.models import hf
+    from harness.models.base import check_finite, load_policy
+
+    files = [path / "model.safetensors"]
+    if not files[0].is_file():  # .nemo, sharded, missing: the full loader, its checks
+        return load_policy(path, "hf", dtype)
+    model = make_model()
+    config = model.config
     try:
         with safe_open(str(files[0]), framework="pt") as f:
             tensors = {k: f.get_tensor(k).to(dtype) for k in f.keys()}  # noqa: SIM118 - safe_open has keys()
