@@ -14,7 +14,7 @@ from harness import train
 from harness.config import Tiny
 from harness.models.hf import build_tiny, load
 from harness.models.lean import LeanTrainLM, load_for_training, train_config
-from tests.test_train import PAIRS, cfg, tok  # noqa: F401 - tok is a fixture
+from tests.test_train import PAIRS, cfg, crash_at_first_save, tok  # noqa: F401 - tok is a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 GQA = Tiny(hidden_size=32, num_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
@@ -129,16 +129,7 @@ def test_lean_dpo_resumes_after_a_crash_to_the_uninterrupted_bits(ckpt, tmp_path
     c = cfg("trainer.self_rewarding.save_interval=2")
     ref = load(ckpt)
     whole = train.train_dpo(ref, PAIRS, c, iteration=1)
-    real_save = train._save_state
-
-    def crash(*a, **k):
-        real_save(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "_save_state", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train.train_dpo(load_for_training(ckpt), PAIRS, c, iteration=1, resume_dir=tmp_path / "r")
-    monkeypatch.setattr(train, "_save_state", real_save)
+    crash_at_first_save(load_for_training(ckpt), c, tmp_path / "r", monkeypatch)
     resumed = load_for_training(ckpt)
     h = train.train_dpo(resumed, PAIRS, c, iteration=1, resume_dir=tmp_path / "r")
     assert h.resumed_from == 2 and list(h) == list(whole)

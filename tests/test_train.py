@@ -172,8 +172,8 @@ def test_packing_falls_back_when_prompts_differ(tok):
     assert torch.allclose(torch.cat([c, r]), sequence_logps(train._logits(policy.model, ids, attn), ids, mask), atol=1e-6)
 
 
-def _crash_at_first_save(tok, c, resume_dir, monkeypatch):
-    """train_dpo killed right after its first save point (as SIGKILL would leave it)."""
+def crash_at_first_save(policy, c, resume_dir, monkeypatch):
+    """train_dpo on `policy` killed right after its first save point (as SIGKILL would leave it)."""
     real_save = train._save_state
 
     def crash(*a, **k):
@@ -182,13 +182,13 @@ def _crash_at_first_save(tok, c, resume_dir, monkeypatch):
 
     monkeypatch.setattr(train, "_save_state", crash)
     with pytest.raises(KeyboardInterrupt):
-        train.train_dpo(build_tiny(SMALL, tok, seed=5), PAIRS, c, iteration=1, resume_dir=resume_dir)
+        train.train_dpo(policy, PAIRS, c, iteration=1, resume_dir=resume_dir)
     monkeypatch.setattr(train, "_save_state", real_save)
 
 
 def test_reference_logps_are_cached_on_disk_and_not_recomputed_on_resume(tok, tmp_path, monkeypatch):
     c = cfg("trainer.self_rewarding.save_interval=2")
-    _crash_at_first_save(tok, c, tmp_path / "resume", monkeypatch)
+    crash_at_first_save(build_tiny(SMALL, tok, seed=5), c, tmp_path / "resume", monkeypatch)
     assert train.ref_cache_path(tmp_path / "resume").exists()
     monkeypatch.setattr(train, "reference_logps", lambda *a, **k: pytest.fail("reference log-probs recomputed"))
     h = train.train_dpo(build_tiny(SMALL, tok, seed=5), PAIRS, c, iteration=1, resume_dir=tmp_path / "resume")
@@ -198,7 +198,7 @@ def test_reference_logps_are_cached_on_disk_and_not_recomputed_on_resume(tok, tm
 def test_resume_state_of_other_inputs_is_ignored(tok, tmp_path, monkeypatch):
     """A crash, then a changed param: the stale resume state and reference cache must not be used."""
     c = cfg("trainer.self_rewarding.save_interval=2")
-    _crash_at_first_save(tok, c, tmp_path / "resume", monkeypatch)
+    crash_at_first_save(build_tiny(SMALL, tok, seed=5), c, tmp_path / "resume", monkeypatch)
     changed = cfg("trainer.self_rewarding.save_interval=2", "model.spin.ref_policy_kl_penalty=0.3")
     fresh = build_tiny(SMALL, tok, seed=5)
     train.train_dpo(fresh, PAIRS, changed, iteration=1)
@@ -305,7 +305,7 @@ def test_sft_resumes_too(tok, tmp_path, monkeypatch):
 def test_state_written_by_other_training_code_is_not_reused(tok, tmp_path, monkeypatch):
     c = cfg("trainer.self_rewarding.save_interval=2")
     monkeypatch.setattr(train, "code_version", lambda: "an older train.py")
-    _crash_at_first_save(tok, c, tmp_path / "resume", monkeypatch)
+    crash_at_first_save(build_tiny(SMALL, tok, seed=5), c, tmp_path / "resume", monkeypatch)
     monkeypatch.undo()
     with _StepCounter() as rerun:
         h = train.train_dpo(build_tiny(SMALL, tok, seed=5), PAIRS, c, iteration=1, resume_dir=tmp_path / "resume")
