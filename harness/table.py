@@ -10,6 +10,10 @@ already exist are skipped, so an interrupted run continues where it stopped. `co
 with `dvc exp show --json`, and writes table.md (mean +- sd per condition and model), per_seed.csv, table.png (error
 bars = sd over seeds) and results.json to the output folder, logs them to an MLflow run, and with --readme replaces
 the text between `<!-- table:begin -->` and `<!-- table:end -->`.
+
+A spec's `reference` condition adds a paired comparison: each other condition's last model minus the reference's,
+seed by seed (the conditions of a seed share M1), mean +- sd of those differences and how many seeds are above 0.
+Seeds move M1 a lot (its oracle score's sd over seeds is larger than any condition's effect); pairing removes that.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Spec:
     conditions: dict[str, list[str]]  # display name -> overrides (key=value)
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
     base: str = "params.yaml"
+    reference: str | None = None  # a condition: the others' last models are compared with it seed by seed
 
     def exp_name(self, cond: str, seed: int) -> str:
         return f"{self.name}-{slug(cond)}-s{seed}"
@@ -61,10 +66,10 @@ def load_spec(path: str | Path) -> Spec:
         raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise TableError(f"{p}: not valid YAML: {e}") from None
-    unknown = set(raw) - {"name", "seeds", "conditions", "metrics", "base"}
+    unknown = set(raw) - {"name", "seeds", "conditions", "metrics", "base", "reference"}
     if unknown:
         raise TableError(f"{p}: unknown key(s) {', '.join(sorted(unknown))}; expected name, seeds, conditions, "
-                         "metrics, base")
+                         "metrics, base, reference")
     seeds, conds = raw.get("seeds"), raw.get("conditions")
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise TableError(f"{p}: seeds must be a non-empty list of integers, got {seeds!r}")
@@ -76,8 +81,11 @@ def load_spec(path: str | Path) -> Spec:
     slugs = [slug(c) for c in conds]
     if len(set(slugs)) != len(slugs) or not all(slugs):
         raise TableError(f"{p}: condition names must differ in letters and digits: {list(conds)}")
+    ref = raw.get("reference")
+    if ref is not None and ref not in conds:
+        raise TableError(f"{p}: reference must name one of the conditions ({', '.join(conds)}), got {ref!r}")
     spec = Spec(name=slug(str(raw.get("name", p.stem))), seeds=seeds, conditions=conds,
-                metrics=raw.get("metrics", list(METRICS)), base=raw.get("base", "params.yaml"))
+                metrics=raw.get("metrics", list(METRICS)), base=raw.get("base", "params.yaml"), reference=ref)
     for cond, ovs in conds.items():  # every condition must load before any experiment runs
         try:
             config.load(spec.base, [*ovs, f"seed={spec.seeds[0]}"], warn=None)
@@ -178,6 +186,28 @@ def summarize(spec: Spec, rows: list[dict]) -> list[dict]:
     return out
 
 
+def paired(spec: Spec, rows: list[dict]) -> list[dict]:
+    """Last model, each condition minus spec.reference on the same seed, for the spec's eval/ metrics:
+    {condition, metric, per_seed (None where either side lacks the value), mean, sd, above (seeds > 0), n}."""
+    if spec.reference is None:
+        return []
+    last = max(r["iteration"] for r in rows)
+    at = {(r["condition"], r["seed"]): r for r in rows if r["iteration"] == last}
+    out = []
+    for cond in spec.conditions:
+        if cond == spec.reference:
+            continue
+        for m in (m for m in spec.metrics if m.startswith("eval/")):
+            per = []
+            for seed in spec.seeds:
+                a, b = at.get((cond, seed), {}).get(m), at.get((spec.reference, seed), {}).get(m)
+                per.append(None if a is None or b is None else a - b)
+            mean, sd = _mean_sd(per)
+            out.append({"condition": cond, "metric": m, "per_seed": per, "mean": mean, "sd": sd,
+                        "above": sum(d > 0 for d in per if d is not None), "n": sum(d is not None for d in per)})
+    return out
+
+
 def _cell(ms: tuple[float, float]) -> str:
     if math.isnan(ms[0]):
         return "-"
@@ -197,7 +227,22 @@ def markdown(spec: Spec, summary: list[dict], rows: list[dict]) -> str:
             per = [r[wr] for s in spec.seeds for r in rows
                    if r["condition"] == cond and r["seed"] == s and r["iteration"] == last]
             lines.append(f"- {cond}: " + ", ".join("-" if v is None else f"{v:.3f}" for v in per))
+    pairs = paired(spec, rows)
+    if pairs:
+        ms = list(dict.fromkeys(p["metric"] for p in pairs))
+        lines += ["", f"Last model (M{last + 1}) minus {spec.reference}, paired by seed (same M1): mean ± sd of the "
+                  "differences, and the seeds above 0:", "",
+                  f"| condition | {' | '.join(m.split('/', 1)[1] for m in ms)} |", "|---|" + "---|" * len(ms)]
+        for cond in dict.fromkeys(p["condition"] for p in pairs):
+            by = {p["metric"]: p for p in pairs if p["condition"] == cond}
+            lines.append(f"| {cond} | " + " | ".join(
+                "-" if not by[m]["n"] else f"{_signed((by[m]['mean'], by[m]['sd']))} ({by[m]['above']}/{by[m]['n']})"
+                for m in ms) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _signed(ms: tuple[float, float]) -> str:
+    return f"{ms[0]:+.3f}" if math.isnan(ms[1]) else f"{ms[0]:+.3f} ± {ms[1]:.3f}"
 
 
 def plot(spec: Spec, summary: list[dict], path: Path) -> None:
@@ -233,6 +278,7 @@ def collect(spec: Spec, out_dir: Path, readme: Path | None = None, exps: dict | 
     rows = per_seed_rows(spec, experiments() if exps is None else exps)
     summary = summarize(spec, rows)
     md = markdown(spec, summary, rows)
+    pairs = paired(spec, rows)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "table.md", md)
     csv = ["condition,seed,model," + ",".join(spec.metrics)]
@@ -241,7 +287,7 @@ def collect(spec: Spec, out_dir: Path, readme: Path | None = None, exps: dict | 
     write_text(out_dir / "per_seed.csv", "\n".join(csv) + "\n")
     write_json(out_dir / "results.json", {"spec": spec.__dict__, "summary": [
         {**{k: s[k] for k in ("condition", "model", "n")}, **{m: {"mean": s[m][0], "sd": s[m][1]} for m in spec.metrics}}
-        for s in summary]})
+        for s in summary], "paired": pairs})
     plot(spec, summary, out_dir / "table.png")
     if readme is not None:
         text = readme.read_text(encoding="utf-8")
@@ -249,11 +295,11 @@ def collect(spec: Spec, out_dir: Path, readme: Path | None = None, exps: dict | 
             raise TableError(f"{readme}: no {BEGIN} ... {END} markers to put the table between")
         head, rest = text.split(BEGIN, 1)
         write_text(readme, head + BEGIN + "\n" + md + END + rest.split(END, 1)[1])
-    _log_mlflow(spec, summary, out_dir)
+    _log_mlflow(spec, summary, pairs, out_dir)
     return md
 
 
-def _log_mlflow(spec: Spec, summary: list[dict], out_dir: Path) -> None:
+def _log_mlflow(spec: Spec, summary: list[dict], pairs: list[dict], out_dir: Path) -> None:
     cfg = config.load(spec.base, warn=None)
     if not cfg.tracking.enabled:
         return
@@ -278,6 +324,9 @@ def _log_mlflow(spec: Spec, summary: list[dict], out_dir: Path) -> None:
                 client.log_metric(rid, f"{slug(s['condition'])}/{m}/mean", mean, step=step)
                 if not math.isnan(sd):
                     client.log_metric(rid, f"{slug(s['condition'])}/{m}/sd", sd, step=step)
+    for p in pairs:
+        if not math.isnan(p["mean"]):
+            client.log_metric(rid, f"minus-{slug(spec.reference)}/{slug(p['condition'])}/{p['metric']}/mean", p["mean"])
     for f in ("table.md", "per_seed.csv", "table.png", "results.json"):
         client.log_artifact(rid, str(out_dir / f), "table")
     client.set_terminated(rid, "FINISHED")

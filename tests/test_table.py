@@ -81,3 +81,27 @@ def test_missing_experiment_and_bad_specs(tmp_path):
         table.load_spec(_base(tmp_path, seeds=[]))
     with pytest.raises(table.TableError, match="must differ"):
         table.load_spec(_base(tmp_path, conditions={"A b": [], "a-B": []}))
+
+
+def test_paired_by_seed_against_the_reference(tmp_path):
+    """Hand-worked: SR's M2 win rates 0.6, 0.7 against Oracle labels' 0.8, 0.8 on the same seeds: differences -0.2,
+    -0.1, mean -0.15, sd sqrt((0.05^2 * 2) / 1) = 0.0707, no seed above 0. Oracle scores 3, 4 on both sides: 0 and 0.
+    Only eval/ metrics are compared (the reference's pairs are labelled otherwise); one without values shows "-"."""
+    spec = table.load_spec(_base(tmp_path, reference="Oracle labels"))
+    md = table.collect(spec, tmp_path / "out", None, exps=_exps())
+    assert "Last model (M2) minus Oracle labels, paired by seed" in md
+    row = next(ln for ln in md.splitlines() if ln.startswith("| SR | ") and "(0/2)" in ln)
+    header = next(ln for ln in md.splitlines() if ln.startswith("| condition | ") and "model" not in ln)
+    cells = dict(zip([c.strip() for c in header.split("|")[2:-1]], [c.strip() for c in row.split("|")[2:-1]]))
+    assert cells == {"oracle_reward": "+0.000 ± 0.000 (0/2)", "win_rate_vs_m1": "-0.150 ± 0.071 (0/2)",
+                     "judge_own_pairwise_acc": "-", "judge_pairwise_acc": "-"}  # no values: no difference
+    assert not any(ln.startswith("| Oracle labels | ") and "/2)" in ln for ln in md.splitlines())
+    res = read_json(tmp_path / "out" / "results.json")["paired"]
+    wr = next(p for p in res if p["metric"] == "eval/win_rate_vs_m1")
+    assert wr["condition"] == "SR" and wr["per_seed"] == pytest.approx([-0.2, -0.1])
+    assert wr["mean"] == pytest.approx(-0.15) and wr["sd"] == pytest.approx(0.0707107, abs=1e-6)
+    assert {p["metric"] for p in res} == {m for m in spec.metrics if m.startswith("eval/")}
+    assert next(p for p in res if p["metric"] == "eval/judge_pairwise_acc")["n"] == 0
+    assert "paired by seed" not in table.collect(table.load_spec(_base(tmp_path)), tmp_path / "o2", None, exps=_exps())
+    with pytest.raises(table.TableError, match="reference must name one of the conditions"):
+        table.load_spec(_base(tmp_path, reference="Random labels"))
