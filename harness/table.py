@@ -245,14 +245,16 @@ def _signed(ms: tuple[float, float]) -> str:
     return f"{ms[0]:+.3f}" if math.isnan(ms[1]) else f"{ms[0]:+.3f} ± {ms[1]:.3f}"
 
 
-def plot(spec: Spec, summary: list[dict], path: Path) -> None:
+def plot(spec: Spec, summary: list[dict], path: Path) -> dict[str, list[str]]:
+    """table.png, one panel per headline metric; returns each panel's x tick labels (the models)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [m for m in ("eval/win_rate_vs_m1", "eval/oracle_reward", "eval/judge_own_pairwise_acc",
-                         "pairs/oracle_correct_frac") if m in spec.metrics]
+    shown = [m for m in ("eval/win_rate_vs_m1", "eval/oracle_reward", "eval/sample_oracle_reward",
+                         "eval/judge_own_pairwise_acc", "pairs/oracle_correct_frac") if m in spec.metrics]
+    models = sorted({int(s["model"][1:]) for s in summary})
     fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.4), dpi=100, squeeze=False)
     for ax, m in zip(axes[0], shown):
         for k, cond in enumerate(spec.conditions):
@@ -262,13 +264,15 @@ def plot(spec: Spec, summary: list[dict], path: Path) -> None:
                 x, y, e = zip(*pts)
                 ax.errorbar(x, y, yerr=[0.0 if math.isnan(v) else v for v in e], marker="o", capsize=3, label=cond)
         ax.set_title(m, fontsize=9)
-        ax.set_xlabel("model M_t")
+        ax.set_xticks(models, [f"M{t}" for t in models])  # models, not fractional iterations
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{spec.name}: mean ± sd over seeds {spec.seeds}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
+    ticks = {m: [t.get_text() for t in ax.get_xticklabels()] for ax, m in zip(axes[0], shown)}
     plt.close(fig)
+    return ticks
 
 
 def collect(spec: Spec, out_dir: Path, readme: Path | None = None, exps: dict | None = None) -> str:

@@ -55,6 +55,9 @@ def test_collect_mean_sd_table_plot_and_readme(tmp_path):
     res = read_json(tmp_path / "out" / "results.json")
     assert res["summary"][1]["eval/win_rate_vs_m1"]["mean"] == pytest.approx(0.65)
     assert (tmp_path / "out" / "table.png").stat().st_size > 0
+    ticks = table.plot(spec, table.summarize(spec, table.per_seed_rows(spec, _exps())), tmp_path / "p.png")
+    assert ticks == {m: ["M1", "M2"] for m in ("eval/win_rate_vs_m1", "eval/oracle_reward",
+                                                "eval/judge_own_pairwise_acc", "pairs/oracle_correct_frac")}
     assert (tmp_path / "out" / "per_seed.csv").read_text().count("\n") == 1 + 2 * 2 * 2
 
 
