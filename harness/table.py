@@ -208,13 +208,13 @@ def paired(spec: Spec, rows: list[dict]) -> list[dict]:
     return out
 
 
-def _cell(ms: tuple[float, float]) -> str:
+def _cell(ms: tuple[float, float], sign: str = "") -> str:
     if math.isnan(ms[0]):
         return "-"
-    return f"{ms[0]:.3f}" if math.isnan(ms[1]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"
+    return f"{ms[0]:{sign}.3f}" if math.isnan(ms[1]) else f"{ms[0]:{sign}.3f} ± {ms[1]:.3f}"
 
 
-def markdown(spec: Spec, summary: list[dict], rows: list[dict]) -> str:
+def markdown(spec: Spec, summary: list[dict], rows: list[dict], pairs: list[dict]) -> str:
     short = [m.split("/", 1)[1] for m in spec.metrics]
     lines = [f"| condition | model | n | {' | '.join(short)} |", "|---|---|---|" + "---|" * len(short)]
     lines += [f"| {s['condition']} | {s['model']} | {s['n']} | " + " | ".join(_cell(s[m]) for m in spec.metrics) + " |"
@@ -227,7 +227,6 @@ def markdown(spec: Spec, summary: list[dict], rows: list[dict]) -> str:
             per = [r[wr] for s in spec.seeds for r in rows
                    if r["condition"] == cond and r["seed"] == s and r["iteration"] == last]
             lines.append(f"- {cond}: " + ", ".join("-" if v is None else f"{v:.3f}" for v in per))
-    pairs = paired(spec, rows)
     if pairs:
         ms = list(dict.fromkeys(p["metric"] for p in pairs))
         lines += ["", f"Last model (M{last + 1}) minus {spec.reference}, paired by seed (same M1): mean ± sd of the "
@@ -236,13 +235,9 @@ def markdown(spec: Spec, summary: list[dict], rows: list[dict]) -> str:
         for cond in dict.fromkeys(p["condition"] for p in pairs):
             by = {p["metric"]: p for p in pairs if p["condition"] == cond}
             lines.append(f"| {cond} | " + " | ".join(
-                "-" if not by[m]["n"] else f"{_signed((by[m]['mean'], by[m]['sd']))} ({by[m]['above']}/{by[m]['n']})"
+                "-" if not by[m]["n"] else f"{_cell((by[m]['mean'], by[m]['sd']), '+')} ({by[m]['above']}/{by[m]['n']})"
                 for m in ms) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _signed(ms: tuple[float, float]) -> str:
-    return f"{ms[0]:+.3f}" if math.isnan(ms[1]) else f"{ms[0]:+.3f} ± {ms[1]:.3f}"
 
 
 def plot(spec: Spec, summary: list[dict], path: Path) -> dict[str, list[str]]:
@@ -281,8 +276,8 @@ def collect(spec: Spec, out_dir: Path, readme: Path | None = None, exps: dict | 
 
     rows = per_seed_rows(spec, experiments() if exps is None else exps)
     summary = summarize(spec, rows)
-    md = markdown(spec, summary, rows)
     pairs = paired(spec, rows)
+    md = markdown(spec, summary, rows, pairs)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "table.md", md)
     csv = ["condition,seed,model," + ",".join(spec.metrics)]
