@@ -142,8 +142,8 @@ def test_checklist_metrics_say_which_judge_step_fails():
                                                                       opening as '#' (look wrong), says open yes
                                                                       (wrong); sees format as "commas ." (look
                                                                       wrong) and says format yes (wrong): 3
-        "hello"         off topic (0)                                 "No animals." (off topic, right)
-        "> CAT, owl."   yes yes no yes yes (4)                        "No animals." (off topic, wrong)
+        "hello"         off topic (0)                                 "kind animals none no 0" (off topic, right)
+        "> CAT, owl."   yes yes no yes yes (4)                        "kind animals none no 0" (off topic, wrong)
 
     offtopic: 3 of 4 right. Echo: open 1 of 2 (the two checklists), the others 2 of 2. Look: open and format 1 of 2,
     the others 2 of 2. Check: open and format 1 of 2, the others 2 of 2; off-topic calls give no step.
@@ -156,8 +156,8 @@ def test_checklist_metrics_say_which_judge_step_fails():
                               "open > > yes 4, format commas . commas . yes 5\nScore: 5"),
         (meta, "cat, owl", "kind animals animals yes 1, count 2 2 yes 2, case lowercase lowercase yes 3, "
                            "open # # yes 4, format commas . commas . yes 5\nScore: 5"),
-        (meta, "hello", "No animals.\nScore: 0"),
-        (meta, "> CAT, owl.", "No animals.\nScore: 0"),
+        (meta, "hello", "kind animals none no 0\nScore: 0"),
+        (meta, "> CAT, owl.", "kind animals none no 0\nScore: 0"),
     ]
     assert [world.oracle_score(meta, r) for _, r, _ in items] == [5, 3, 0, 4]
     m = checklist_metrics(items, "eval/")

@@ -88,7 +88,7 @@ def test_judgement_walks_the_checks_with_a_running_total():
     assert world.judgement(META["animals"], "cat, owl") == (
         "kind animals animals yes 1, count 2 2 yes 2, case lowercase lowercase yes 3, open > none no 3, "
         "format commas . commas none no 3\nScore: 3")
-    assert world.judgement(META["body"], "hello") == "No body parts.\nScore: 0"
+    assert world.judgement(META["body"], "hello") == "kind body parts none no 0\nScore: 0"
 
 
 def test_seen_names_what_the_response_does_in_the_prompts_words():

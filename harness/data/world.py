@@ -41,6 +41,7 @@ from harness.io import write_jsonl
 FAMILIES = ("animals", "foods", "tools", "body")
 SCORES = range(6)
 CHECKS = ("kind", "count", "case", "open", "format")  # the rubric's five points, in order
+OFF_TOPIC = "none"  # the kind check's look when the response holds no word of the kind: the checklist ends, score 0
 
 # Single-token words (as the tokenizer learns them): a kind is a property of a word, known without the prompt.
 KINDS = {
@@ -207,10 +208,20 @@ def _candidate(meta: dict, fail: set[str], rng: random.Random) -> str:
 
 
 def _off_topic(meta: dict, rng: random.Random) -> str:
-    if rng.random() < 0.5:
+    """No word of the kind: a sentence, words of other kinds, or (most often, as a sampler writes them) the kind's
+    words misspelt, in the asked format or near it, so the judge learns to look at the words, not the format."""
+    way = rng.randrange(4)
+    if way == 0:
         return rng.choice(_OFF_TOPIC)
-    foreign = [w for w in _WORDS if w not in KINDS[meta["family"]]]
-    return _render(meta, rng.sample(foreign, rng.randint(1, 3)), opening=rng.choice(["", *_OPENS]))
+    k = max(1, meta["k"] + rng.choice((-1, 0, 0, 1)))
+    if way == 1:
+        items = rng.sample([w for w in _WORDS if w not in KINDS[meta["family"]]], min(k, 3))
+    else:
+        foreign = [w for w in _WORDS if w not in KINDS[meta["family"]]]
+        items = [_misspell(w, rng) if rng.random() < 0.75 else rng.choice(foreign)
+                 for w in rng.choices(_valid_words(meta), k=k)]
+    items = [_CASES[meta["case"] if rng.random() < 0.7 else rng.choice(sorted(_CASES))](w) for w in items]
+    return _render(meta, items, opening=rng.choice(["", *_OPENS]) if rng.random() < 0.3 else None)
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -250,8 +261,8 @@ def grade(task_or_meta: Task | dict, response: str) -> Grade:
         return Grade(0, "No answer.")
     meta = _meta(task_or_meta)
     ok = checks(meta, response)
-    if ok is None:
-        return Grade(0, f"No {_PHRASE.get(meta['family'], meta['family'])}.")
+    if ok is None:  # the kind check's look finds no word of the kind: the checklist stops there
+        return Grade(0, f"kind {asked(meta)['kind']} {OFF_TOPIC} no 0")
     # each check echoes the prompt's own words for what it asks, then names what the response does: the yes/no is a
     # comparison of two adjacent values, and every value is a copy (of the prompt) or a look (at the response)
     want, did = asked(meta), seen(meta, response)
@@ -267,14 +278,14 @@ def read_checklist(task_or_meta: Task | dict, judgement_text: str, response: str
     """What a judgement written in the oracle's checklist format says, check by check: {check: (verdict, echo,
     look)}: verdict = its yes/no, echo = whether the asked value it wrote is the prompt's, look = whether the value
     it says the response has is the response's (None for a check it left out, and look None when the oracle calls
-    the response off topic). None when it calls the response off topic ("No animals.").
+    the response off topic). None when it calls the response off topic (its kind check sees "none").
 
     The judge's steps are read one by one, so telemetry can say which step fails: copying the asked value from the
     prompt (echo), looking at the response (look) or comparing the two (verdict).
     """
     meta = _meta(task_or_meta)
     text = judgement_text.strip()
-    if text.startswith("No "):
+    if re.match(rf"kind [^,]*? {OFF_TOPIC} no \d", text):  # the first check, not open's "none" further on
         return None
     want, did = asked(meta), seen(meta, response)
     out: dict[str, tuple[bool | None, bool | None, bool | None]] = {}
