@@ -4,6 +4,7 @@ Rubric (additive, one point each): relevant, substantial (>= half right), basic 
 """
 
 import random
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -116,6 +117,26 @@ def test_degrade_hits_every_level_for_every_family():
                 failed.update(c for c, ok in zip(world.CHECKS, g.checks) if not ok)
     # every check fails on its own often: the judge learns each one, not a shortcut
     assert min(failed[c] for c in world.CHECKS) > 0.5 * max(failed.values())
+
+
+def test_off_topic_responses_look_like_the_samplers():
+    """The judge learns to call off topic by looking at the words: most designed off-topic responses keep the asked
+    format (separator and end mark) and hold the kind's words misspelt, as a sampler writes them; sentences stay."""
+    rng = random.Random(0)
+    task = world.make_task("animals", random.Random(3), "t")
+    sep = {"commas": ", ", "dashes": " - ", "slashes": " / ", "semicolons": "; ", "bars": " | "}[task.meta["sep"]]
+    responses = [world.degrade(task, 0, rng) for _ in range(400)]
+    assert all(world.judgement(task, r) == "kind animals none no 0\nScore: 0" for r in responses)
+    words = {w for ws in world.KINDS.values() for w in ws}
+
+    def formatted(r: str) -> bool:  # items joined by the asked separator, then the asked end mark
+        body = re.sub(r"^[>*+#~] ", "", r)
+        return body.endswith(task.meta["end"]) and all(re.fullmatch(r"[A-Za-z]+", x)
+                                                       for x in body[:-1].split(sep))
+
+    shaped = [r for r in responses if formatted(r)]
+    misspelt = [r for r in shaped if any(w.lower() not in words for w in re.findall(r"[A-Za-z]+", r))]
+    assert 0.6 < len(shaped) / len(responses) < 0.85 and len(misspelt) > 0.4 * len(responses)
 
 
 def test_degrade_rejects_bad_level():
