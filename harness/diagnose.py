@@ -4,10 +4,12 @@ checklist were right, on the task world.
     python -m harness.diagnose runs/iter1/judged.jsonl       # prints one JSON object
 
 telemetry.checklist_metrics says how often each step is wrong; this says what each costs. For every judgement the
-verdict of one step is replaced by the oracle's (the off-topic call, or one check's yes/no), its score recounted,
-and the pairwise accuracy computed as pairs/judge_own_pairwise_acc is (a response's score: the mean over its
-judgements; pairs of one prompt's responses the oracle separates; a tie in the judge's scores counts 1/2). The
-steps are fixed one at a time and cumulatively, in the order given.
+verdict of one step is replaced by the oracle's (the off-topic call, or one check's yes/no), its score recounted
+as the number of checks it says yes to, and the pairwise accuracy computed as pairs/judge_own_pairwise_acc is (a
+response's score: the mean over its judgements; pairs of one prompt's responses the oracle separates; a tie in the
+judge's scores counts 1/2). The steps are fixed one at a time and cumulatively, in the order given. "as_judged"
+counts yeses too, so it is close to pairs/judge_own_pairwise_acc, which reads the Score line the judge wrote (a
+miscounted total, a cut judgement), not equal to it.
 """
 
 from __future__ import annotations
