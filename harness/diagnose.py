@@ -14,7 +14,6 @@ miscounted total, a cut judgement), not equal to it.
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -40,26 +39,25 @@ def _score(meta: dict, response: str, text: str, fixed: set[str]) -> float:
 
 
 def pairwise_acc(rows: list[dict], fixed: set[str]) -> tuple[float, int]:
-    """(pairwise accuracy, number of pairs) over judged rows ({"meta", "responses": [{"text", "judgements"}]})."""
+    """(pairwise accuracy, number of pairs) over judged rows ({"meta", "responses": [{"text", "judgements"}]}), by
+    telemetry.own_pairwise_acc (the pipeline's own measure) on the recounted scores."""
     from harness.data.world import grade
+    from harness.telemetry import own_pairwise_acc
 
-    right, n = 0.0, 0
-    for row in rows:
-        scored = []
+    groups = {}
+    for i, row in enumerate(rows):
+        groups[i] = []
         for r in row["responses"]:
             js = [_score(row["meta"], r["text"], j["text"], fixed) for j in r["judgements"]]
             if js:
-                scored.append((grade(row["meta"], r["text"]).score, sum(js) / len(js)))
-        for (o1, j1), (o2, j2) in itertools.combinations(scored, 2):
-            if o1 != o2:
-                n += 1
-                right += 0.5 if j1 == j2 else float((j1 > j2) == (o1 > o2))
-    return (right / n if n else float("nan")), n
+                groups[i].append((sum(js) / len(js), grade(row["meta"], r["text"]).score))
+    return own_pairwise_acc(groups)
 
 
 def judge_counterfactuals(rows: list[dict]) -> dict[str, float]:
-    """{"as_judged", "<step>_right" for each step, "upto_<step>_right" (that step and all before it)}."""
-    out = {"as_judged": pairwise_acc(rows, set())[0], "pairs": pairwise_acc(rows, set())[1]}
+    """{"as_judged", "pairs", "<step>_right" for each step, "upto_<step>_right" (that step and all before it)}."""
+    acc, pairs = pairwise_acc(rows, set())
+    out = {"as_judged": acc, "pairs": pairs}
     for i, step in enumerate(STEPS):
         out[f"{step}_right"] = pairwise_acc(rows, {step})[0]
         out[f"upto_{step}_right"] = pairwise_acc(rows, set(STEPS[: i + 1]))[0]

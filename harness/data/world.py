@@ -214,10 +214,10 @@ def _off_topic(meta: dict, rng: random.Random) -> str:
     if way == 0:
         return rng.choice(_OFF_TOPIC)
     k = max(1, meta["k"] + rng.choice((-1, 0, 0, 1)))
+    foreign = [w for w in _WORDS if w not in KINDS[meta["family"]]]
     if way == 1:
-        items = rng.sample([w for w in _WORDS if w not in KINDS[meta["family"]]], min(k, 3))
+        items = rng.sample(foreign, min(k, 3))
     else:
-        foreign = [w for w in _WORDS if w not in KINDS[meta["family"]]]
         items = [_misspell(w, rng) if rng.random() < 0.75 else rng.choice(foreign)
                  for w in rng.choices(_valid_words(meta), k=k)]
     items = [_CASES[meta["case"] if rng.random() < 0.7 else rng.choice(sorted(_CASES))](w) for w in items]
