@@ -371,7 +371,8 @@ def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], s
     test, judge_eval, and mft (meta-judge seed) when
     meta_judge_text_fn is given and world_cfg.num_mft > 0. Same cfg + seed => byte-identical files.
     Splits are drawn evaluation-first, each from its own RNG, so growing ift or adding iterations leaves test,
-    validation and judge_eval unchanged. No prompt text appears in two splits (nor twice in one).
+    validation and judge_eval unchanged, and the iteration prompts last, so their number leaves the SFT data (ift,
+    eft, mft) unchanged. No prompt text appears in two splits (nor twice in one).
     """
     out = Path(out_dir)
     seen: set[str] = set()
@@ -409,11 +410,10 @@ def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], s
     rng.shuffle(rows)
     put("eft", rows)
 
-    for it in iterations:
-        put(f"prompts_{it}", _sft_rows(tasks(f"iter{it}", world_cfg.prompts_per_iteration), with_gold=False))
-
     # MFT (meta-judge seed): a tiny model never sees a meta-judge prompt otherwise, and never answers one.
-    # Drawn after every other split, so adding it leaves them unchanged.
+    # Drawn before the iteration prompts, so the SFT data (ift, eft, mft) and so M1 do not move when
+    # prompts_per_iteration or the number of iterations does (a sweep over them compares equal M1s); the iteration
+    # prompts exclude it, so they move with num_mft, which changes M1 anyway.
     num_mft = getattr(world_cfg, "num_mft", 0)
     if meta_judge_text_fn is not None and num_mft > 0:
         rng = random.Random(f"world:{seed}:mft:responses")
@@ -425,6 +425,9 @@ def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], s
                                           "winner": target[-1]}))
         rng.shuffle(rows)
         put("mft", rows)
+
+    for it in iterations:
+        put(f"prompts_{it}", _sft_rows(tasks(f"iter{it}", world_cfg.prompts_per_iteration), with_gold=False))
     return paths
 
 
