@@ -14,6 +14,9 @@ the text between `<!-- table:begin -->` and `<!-- table:end -->`.
 A spec's `reference` condition adds a paired comparison: each other condition's last model minus the reference's,
 seed by seed (the conditions of a seed share M1), mean +- sd of those differences and how many seeds are above 0.
 Seeds move M1 a lot (its oracle score's sd over seeds is larger than any condition's effect); pairing removes that.
+
+A spec's `targets` (DVC stages, e.g. `[evaluate@1, pairs@1]`) runs only those stages and what they depend on: a
+probe of the first iterations at a fraction of the table's cost; the last model evaluated is then the "last model".
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Spec:
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
     base: str = "params.yaml"
     reference: str | None = None  # a condition: the others' last models are compared with it seed by seed
+    targets: list[str] = field(default_factory=list)  # DVC stages to run (default: the whole pipeline)
 
     def exp_name(self, cond: str, seed: int) -> str:
         return f"{self.name}-{slug(cond)}-s{seed}"
@@ -66,10 +70,10 @@ def load_spec(path: str | Path) -> Spec:
         raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise TableError(f"{p}: not valid YAML: {e}") from None
-    unknown = set(raw) - {"name", "seeds", "conditions", "metrics", "base", "reference"}
+    unknown = set(raw) - {"name", "seeds", "conditions", "metrics", "base", "reference", "targets"}
     if unknown:
         raise TableError(f"{p}: unknown key(s) {', '.join(sorted(unknown))}; expected name, seeds, conditions, "
-                         "metrics, base, reference")
+                         "metrics, base, reference, targets")
     seeds, conds = raw.get("seeds"), raw.get("conditions")
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise TableError(f"{p}: seeds must be a non-empty list of integers, got {seeds!r}")
@@ -81,11 +85,15 @@ def load_spec(path: str | Path) -> Spec:
     slugs = [slug(c) for c in conds]
     if len(set(slugs)) != len(slugs) or not all(slugs):
         raise TableError(f"{p}: condition names must differ in letters and digits: {list(conds)}")
+    targets = raw.get("targets", [])
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        raise TableError(f"{p}: targets must be a list of DVC stage names (e.g. [evaluate@1, pairs@1]), got {targets!r}")
     ref = raw.get("reference")
     if ref is not None and ref not in conds:
         raise TableError(f"{p}: reference must name one of the conditions ({', '.join(conds)}), got {ref!r}")
     spec = Spec(name=slug(str(raw.get("name", p.stem))), seeds=seeds, conditions=conds,
-                metrics=raw.get("metrics", list(METRICS)), base=raw.get("base", "params.yaml"), reference=ref)
+                metrics=raw.get("metrics", list(METRICS)), base=raw.get("base", "params.yaml"), reference=ref,
+                targets=targets)
     for cond, ovs in conds.items():  # every condition must load before any experiment runs
         try:
             config.load(spec.base, [*ovs, f"seed={spec.seeds[0]}"], warn=None)
@@ -124,7 +132,7 @@ def run(spec: Spec, jobs: int = 1) -> list[str]:
             if name in have:
                 continue
             sets = [a for o in [f"seed={seed}", *ovs] for a in ("-S", o)]
-            _dvc(["exp", "run", "--queue", "-q", "-n", name, *sets], env)
+            _dvc(["exp", "run", "--queue", "-q", "-n", name, *sets, *spec.targets], env)
             queued.append(name)
             print(f"[table {spec.name}] queued {name}", flush=True)
     if queued:

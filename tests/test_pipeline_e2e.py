@@ -208,3 +208,10 @@ def test_table_runs_conditions_as_dvc_experiments_and_collects(repro):
     # run again: nothing is queued, the experiments exist
     again = run(["harness", "table", "run", "t.yaml"], proj, env=e).stdout
     assert "queued" not in again
+    # a probe: targets run iteration 1 only; M2 is then the last model
+    (proj / "p.yaml").write_text("name: p\nseeds: [1234]\ntargets: [evaluate@1, pairs@1]\nconditions:\n"
+                                 "  Random: [model.spin.pair_labels=random]\n")
+    out = run(["harness", "table", "run", "p.yaml"], proj, env=e).stdout
+    assert ran(out) >= {"pairs@1", "train@1", "evaluate@1"} and not any(s.endswith("@2") for s in ran(out)), ran(out)
+    out = run(["harness", "table", "collect", "p.yaml", "--out", "res_p"], proj, env=e).stdout
+    assert "| Random | M2 | 1 |" in out and "| Random | M3 |" not in out and "Last model (M2)" in out

@@ -84,6 +84,9 @@ def test_missing_experiment_and_bad_specs(tmp_path):
         table.load_spec(_base(tmp_path, seeds=[]))
     with pytest.raises(table.TableError, match="must differ"):
         table.load_spec(_base(tmp_path, conditions={"A b": [], "a-B": []}))
+    with pytest.raises(table.TableError, match="targets must be a list of DVC stage names"):
+        table.load_spec(_base(tmp_path, targets="evaluate@1"))
+    assert table.load_spec(_base(tmp_path, targets=["evaluate@1", "pairs@1"])).targets == ["evaluate@1", "pairs@1"]
 
 
 def test_paired_by_seed_against_the_reference(tmp_path):
