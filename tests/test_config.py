@@ -215,7 +215,7 @@ def test_params_yaml_and_experiments_are_valid():
     for f in files:
         if f.name == "sweep.yaml":
             continue
-        if f.name.startswith("table"):  # table specs (table.yaml, table_quick.yaml): conditions load on params.yaml
+        if "\nconditions:" in f.read_text():  # table specs (table*.yaml, probe_*.yaml): conditions load on params.yaml
             from harness.table import load_spec
 
             load_spec(f)
