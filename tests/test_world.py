@@ -273,7 +273,7 @@ def _meta_text(prompt, response, a, b):
     return f"Which?\nQ: {prompt}\nA: {response}\nJudgement A: {a}\nJudgement B: {b}"
 
 
-def test_mft_seed_true_judgement_wins_balanced_and_leaves_other_splits_alone(tmp_path):
+def test_mft_seed_true_judgement_wins_balanced_and_moves_only_the_iteration_prompts(tmp_path):
     cfg = World(num_ift=40, num_eft=60, num_mft=48, prompts_per_iteration=15, num_validation=10, num_test=20)
     with_mft = world.build_world(cfg, 5, _judge_text, tmp_path / "a", [1, 2], _meta_text)
     without = world.build_world(cfg, 5, _judge_text, tmp_path / "b", [1, 2])
