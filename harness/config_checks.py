@@ -8,6 +8,7 @@ from typing import Any
 from harness.config import get, uses_task_world
 from harness.schema import (
     CREAM_MODES,
+    END_MARKS,
     MIN_TINY_VOCAB,
     PAIR_LABELS,
     PATHS,
@@ -145,6 +146,8 @@ def validate(cfg: Config) -> None:
         _check(getattr(cfg.world, k) >= 1, f"world.{k}: must be >= 1")
     for k in ("num_eft", "num_mft"):
         _check(getattr(cfg.world, k) >= 0, f"world.{k}: must be >= 0")
+    _check(cfg.world.end_marks in END_MARKS,
+           f"world.end_marks: one of {', '.join(END_MARKS)}, got {cfg.world.end_marks!r}")
     _check(0 <= cfg.seed < 2**63, f"seed: must be in [0, 2^63), got {cfg.seed}")
 
 

@@ -108,6 +108,7 @@ MEANING = {
     "world.prompts_per_iteration": "task world: fresh prompts per self-rewarding iteration",
     "world.num_validation": "task world: validation conversations",
     "world.num_test": "task world: test prompts for the oracle evaluation",
+    "world.end_marks": "task world: end marks as symbols (\"end with !\") or names (\"an exclamation mark\")",
     "tracking.enabled": "log to MLflow",
     "tracking.tracking_uri": "MLflow tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db",
     "tracking.experiment_name": "MLflow experiment",

@@ -151,6 +151,7 @@ BAD = [
     (["model.spin.use_meta_judge=true", "model.spin.meta_judge_pcnt=1.5"], r"meta_judge_pcnt: must be in \[0, 1\]"),
     (["model.spin.judge_score_low=5", "model.spin.judge_score_high=5"], "judge_score_low .* must be <"),
     (["model.micro_batch_size=3", "model.global_batch_size=64"], "global_batch_size: must be a multiple"),
+    (["world.end_marks=words"], "world.end_marks: one of symbols, names, got 'words'"),
     (["model.spin.length_control=[0,0.1]"], "length_control: a per-iteration list needs one value per iteration"),
     (["model.spin.ref_policy_kl_penalty=[0.1,0.1]"], "ref_policy_kl_penalty: a per-iteration list"),
     (["model.spin.preference_loss=kto"], "preference_loss: one of dpo, scale, rpo_bwd_kl, rpo_fwd_kl, ipo, rpo_sq"),

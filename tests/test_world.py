@@ -311,3 +311,48 @@ def test_sft_data_does_not_move_with_the_iteration_prompts(tmp_path):
     for name in ("ift", "eft", "mft", "test", "validation", "judge_eval"):
         assert tree_hash(a[name]) == tree_hash(b[name]), name
     assert len(sft.read_sft(b["prompts_1"])) == 512
+
+
+def test_named_end_marks_say_the_name_in_prompt_and_judgement():
+    meta = {**META["foods"], "end_marks": "names"}  # 3 foods, capitals, open '*', dashes, end '!'
+    assert world.gold_answer(meta) == "* BUN - EGG - FIG!"  # responses still end with the symbol
+    assert world.asked(meta)["format"] == "dashes exclamation"
+    assert world.seen(meta, "* BUN - EGG - FIG.")["format"] == "dashes period"
+    assert world.seen(meta, "* BUN - EGG - FIG")["format"] == "dashes none"
+    assert world.judgement(meta, "* BUN - EGG - FIG?").endswith(
+        "format dashes exclamation dashes question no 4\nScore: 4")
+    task = world.make_task("foods", random.Random(2), "t", end_marks="names")
+    phrase = {".": "a period", "!": "an exclamation mark", "?": "a question mark", ":": "a colon"}
+    assert task.prompt.endswith(f"and end with {phrase[task.meta['end']]}")
+    # the same draws as the default: only the end mark's wording differs, and the default's records carry no new key
+    plain = world.make_task("foods", random.Random(2), "t")
+    assert "end_marks" not in plain.meta and plain.gold == task.gold
+    assert plain.prompt == task.prompt.replace(phrase[task.meta["end"]], task.meta["end"])
+
+
+def test_named_end_marks_every_level_and_the_oracles_judgement_reads_right():
+    rng = random.Random(0)
+    for family in world.FAMILIES:
+        for seed in range(15):
+            task = world.make_task(family, random.Random(seed), f"t{seed}", end_marks="names")
+            assert world.oracle_score(task, task.gold) == 5
+            for target in range(6):
+                response = world.degrade(task, target, rng)
+                grade = world.grade(task, response)
+                assert grade.score == target
+                steps = world.read_checklist(task, world.judgement(task, response), response)
+                if steps is not None:  # the oracle's own judgement: right verdicts, echoes and looks
+                    assert [v[0] for v in steps.values()] == list(grade.checks)
+                    assert all(v[1] and v[2] for v in steps.values())
+
+
+def test_build_world_with_named_end_marks(tmp_path):
+    default = world.build_world(World(num_ift=8, num_eft=12), 7, _judge_text, tmp_path / "a", iterations=[1])
+    named = world.build_world(World(num_ift=8, num_eft=12, end_marks="names"), 7, _judge_text, tmp_path / "b",
+                              iterations=[1])
+    a, b = read_jsonl(default["eft"]), read_jsonl(named["eft"])
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    assert all(r["meta"]["end_marks"] == "names" for r in b) and not any("end_marks" in r["meta"] for r in a)
+    names = ("period", "exclamation", "question", "colon")
+    assert all(any(f" {n}" in sft.gold_response(r) for n in names) for r in b if "format" in sft.gold_response(r))
+    assert world.world_texts(20, 0, "names") != world.world_texts(20, 0)

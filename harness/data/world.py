@@ -21,6 +21,8 @@ for each, the prompt's words for the asked value (a copy), the response's value 
 yes/no (a comparison of the two adjacent values) and a running total, so the final `Score: N` is the last total:
 "kind animals animals yes 1, count 3 3 yes 2, case capitals mixed no 2, open + + yes 3, format commas ! commas . no 3
 \\nScore: 3" (each check: its name, the asked value, the response's value, yes/no, the total).
+With world.end_marks=names the prompt names the end mark ("end with an exclamation mark") and the judgement writes
+its name ("format commas exclamation commas period no 3"), a word only the prompt holds, as the separators' names are.
 
 Families are the kinds. `meta` holds the task's inputs only (the gold is derived from them), so a prompt file
 carries no answer text, and `score_record(record, response)` works from a jsonl record.
@@ -57,6 +59,10 @@ _CASES = {"capitals": str.upper, "lowercase": str.lower, "capitalized": str.capi
 _OPENS = (">", "*", "+", "#", "~")
 _SEPS = {"commas": ", ", "dashes": " - ", "slashes": " / ", "semicolons": "; ", "bars": " | "}
 _ENDS = (".", "!", "?", ":")
+# world.end_marks=names: prompts name the end mark and judgements echo its name, a word found only in the prompt (as
+# the separators' names are), not a symbol the response ends with too (judges at M1 copied the response's end mark).
+_END_NAMES = {".": "period", "!": "exclamation", "?": "question", ":": "colon"}
+_END_PHRASES = {".": "a period", "!": "an exclamation mark", "?": "a question mark", ":": "a colon"}
 _OFF_TOPIC = ("I do not know.", "Sorry, I cannot help with that.", "Hello! How are you today?", "Maybe later.",
               "That is a good question.", "Please ask me something else.")
 _ITEM_RE = re.compile(r"[A-Za-z]+")
@@ -87,10 +93,15 @@ def _split(response: str) -> tuple[str | None, str]:
     return (m.group(1), text[2:]) if m else (None, text)
 
 
+def _end_word(meta: dict, end: str) -> str:
+    """An end mark as the judgement writes it: the symbol, or its name with world.end_marks=names."""
+    return _END_NAMES[end] if meta.get("end_marks") == "names" else end
+
+
 def asked(meta: dict) -> dict[str, str]:
     """What the prompt asks, check by check, in the words the judgement echoes."""
     return {"kind": _PHRASE.get(meta["family"], meta["family"]), "count": str(meta["k"]), "case": meta["case"],
-            "open": meta["open"], "format": f"{meta['sep']} {meta['end']}"}
+            "open": meta["open"], "format": f"{meta['sep']} {_end_word(meta, meta['end'])}"}
 
 
 def seen(meta: dict, response: str) -> dict[str, str] | None:
@@ -111,7 +122,7 @@ def seen(meta: dict, response: str) -> dict[str, str] | None:
     else:  # one item: no separator to get wrong
         sep = seps.get(gaps[0], "other") if gaps else meta["sep"]
     tail = body[found[-1].end():]
-    end = tail if tail in _ENDS else "none" if not tail else "other"
+    end = _end_word(meta, tail) if tail in _ENDS else "none" if not tail else "other"
     return {"kind": asked(meta)["kind"] if all(w.lower() in kind for w in items) else "mixed",
             "count": str(len(items)), "case": cases[0] if cases else "mixed", "open": opened or "none",
             "format": f"{sep} {end}"}
@@ -133,8 +144,9 @@ def _spec(meta: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------- tasks
 def _prompt(meta: dict) -> str:
     case = {"capitals": "in capitals", "lowercase": "in lowercase", "capitalized": "capitalized"}[meta["case"]]
+    end = _END_PHRASES[meta["end"]] if meta.get("end_marks") == "names" else meta["end"]
     return (f"Name {meta['k']} {_PHRASE.get(meta['family'], meta['family'])} {case}. Open with {meta['open']} then separate with {meta['sep']} "
-            f"and end with {meta['end']}")
+            f"and end with {end}")
 
 
 def _valid_words(meta: dict) -> list[str]:
@@ -154,10 +166,13 @@ def _render(meta: dict, items: list[str], opening: str | None = None, sep: str |
     return f"{opening} {body}" if opening else body
 
 
-def _sample(family: str, rng: random.Random) -> dict:
-    return {"family": family, "k": rng.randint(2, 6), "case": rng.choice(sorted(_CASES)),
+def _sample(family: str, rng: random.Random, end_marks: str = "symbols") -> dict:
+    meta = {"family": family, "k": rng.randint(2, 6), "case": rng.choice(sorted(_CASES)),
             "open": rng.choice(_OPENS), "sep": rng.choice(sorted(_SEPS)), "end": rng.choice(_ENDS),
             "offset": rng.randrange(len(KINDS[family]))}
+    if end_marks != "symbols":  # the default's records stay as they were
+        meta["end_marks"] = end_marks
+    return meta
 
 
 # ----------------------------------------------------------------------------------------------------- degrade
@@ -229,12 +244,13 @@ def _meta(task_or_meta: Task | dict) -> dict:
     return _spec(task_or_meta.meta if isinstance(task_or_meta, Task) else task_or_meta)
 
 
-def make_task(family: str, rng: random.Random, task_id: str) -> Task:
-    meta = _sample(_spec({"family": family})["family"], rng)
+def make_task(family: str, rng: random.Random, task_id: str, end_marks: str = "symbols") -> Task:
+    meta = _sample(_spec({"family": family})["family"], rng, end_marks)
     return Task(id=task_id, family=family, prompt=_prompt(meta), gold=_render(meta, _gold_items(meta)), meta=meta)
 
 
-def make_tasks(n: int, rng: random.Random, id_prefix: str, exclude: set[str] | None = None) -> list[Task]:
+def make_tasks(n: int, rng: random.Random, id_prefix: str, exclude: set[str] | None = None,
+               end_marks: str = "symbols") -> list[Task]:
     """n tasks, families round-robin (task i is FAMILIES[i % 4]), ids f"{id_prefix}-{i:05d}".
 
     Prompts are unique within the list and never in `exclude`, which is updated with the new prompts (pass one set
@@ -245,7 +261,7 @@ def make_tasks(n: int, rng: random.Random, id_prefix: str, exclude: set[str] | N
     for i in range(n):
         family = FAMILIES[i % len(FAMILIES)]
         for _ in range(10_000):
-            task = make_task(family, rng, f"{id_prefix}-{i:05d}")
+            task = make_task(family, rng, f"{id_prefix}-{i:05d}", end_marks)
             if task.prompt not in seen:
                 break
         else:
@@ -376,9 +392,10 @@ def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], s
     """
     out = Path(out_dir)
     seen: set[str] = set()
+    end_marks = getattr(world_cfg, "end_marks", "symbols")
 
     def tasks(split: str, n: int) -> list[Task]:
-        return make_tasks(n, random.Random(f"world:{seed}:{split}"), split, exclude=seen)
+        return make_tasks(n, random.Random(f"world:{seed}:{split}"), split, exclude=seen, end_marks=end_marks)
 
     paths: dict[str, Path] = {}
 
@@ -431,11 +448,11 @@ def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], s
     return paths
 
 
-def world_texts(n: int, seed: int) -> list[str]:
+def world_texts(n: int, seed: int, end_marks: str = "symbols") -> list[str]:
     """Text to train the tokenizer on: n tasks' prompts, gold answers, responses at every level, judgements."""
     rng = random.Random(f"world:{seed}:texts")
     texts = []
-    for i, t in enumerate(make_tasks(n, rng, "text")):
+    for i, t in enumerate(make_tasks(n, rng, "text", end_marks=end_marks)):
         response = degrade(t, i % 6, rng)
         texts += [t.prompt, t.gold, response, judgement(t, response)]
     chars = "".join(chr(c) for c in range(33, 127))
