@@ -105,6 +105,8 @@ def measure(repeats: int = 3) -> dict:
         "speedup_vs_hf_generate": round(t_hf / t_ours, 2),
         "cpu_speedup_vs_hf_generate": round(c_hf / c_ours, 2),
         "ours_time_over_bare_forward_time": round(t_ours / t_bare, 3),
+        # HF generate over our bare forward passes: the most any sampler on this forward could gain over HF
+        "bare_forward_speedup_vs_hf_generate": round(t_hf / t_bare, 2),
         "threads": torch.get_num_threads(),
         "loadavg": float(Path("/proc/loadavg").read_text().split()[0]) if Path("/proc/loadavg").exists() else None,
     }
