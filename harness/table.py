@@ -6,7 +6,8 @@
 `run` queues one DVC experiment per (condition, seed), `dvc exp run --queue -n <table>-<condition>-s<seed> -S seed=..
 -S <the condition's overrides>`, seeds outermost, and runs the queue one at a time (`dvc exp run --run-all -j 1`):
 the conditions of a seed share prepare, SFT and iteration 1's sampling through DVC's run cache. Experiments that
-already exist are skipped, so an interrupted run continues where it stopped. `collect` reads the experiments back
+already exist are skipped, so an interrupted run continues where it stopped (tasks a killed run left "Running" are
+marked failed first: `dvc exp run --run-all` would wait for them forever). `collect` reads the experiments back
 with `dvc exp show --json`, and writes table.md (mean +- sd per condition and model), per_seed.csv, table.png (error
 bars = sd over seeds) and results.json to the output folder, logs them to an MLflow run, and with --readme replaces
 the text between `<!-- table:begin -->` and `<!-- table:end -->`.
@@ -136,12 +137,30 @@ def run(spec: Spec, jobs: int = 1) -> list[str]:
             queued.append(name)
             print(f"[table {spec.name}] queued {name}", flush=True)
     if queued:
+        stale = kill_stale_tasks(env)
+        if stale:
+            print(f"[table {spec.name}] marked failed the tasks a killed run left running: {', '.join(stale)}", flush=True)
         _dvc(["exp", "run", "--run-all", "-j", str(jobs)], env, capture=False)
     missing = [spec.exp_name(c, s) for s in spec.seeds for c in spec.conditions
                if spec.exp_name(c, s) not in set(_dvc(["exp", "list", "--name-only"]).split())]
     if missing:
         raise TableError(f"experiments that did not complete: {', '.join(missing)} (see `dvc queue logs <name>`)")
     return queued
+
+
+def kill_stale_tasks(env: dict | None = None) -> list[str]:
+    """Task ids `dvc queue status` shows Running while no queue worker is active, marked failed (`dvc queue kill`).
+
+    A run killed mid-experiment (Ctrl+C twice, a session's end) leaves its task Running; `dvc exp run --run-all`
+    follows every active task and so would wait for it forever. With a worker active they may be real: left alone.
+    """
+    status = _dvc(["queue", "status"], env)
+    if not re.search(r"^Worker status: 0 active\b", status, re.M):
+        return []
+    stale = [ln.split()[0] for ln in status.splitlines() if ln.split()[-1:] == ["Running"]]
+    if stale:
+        _dvc(["queue", "kill", *stale], env)
+    return stale
 
 
 # ----------------------------------------------------------------------------------------------------- collect

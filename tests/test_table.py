@@ -111,3 +111,27 @@ def test_paired_by_seed_against_the_reference(tmp_path):
     assert "paired by seed" not in table.collect(table.load_spec(_base(tmp_path)), tmp_path / "o2", None, exps=_exps())
     with pytest.raises(table.TableError, match="reference must name one of the conditions"):
         table.load_spec(_base(tmp_path, reference="Random labels"))
+
+
+STATUS = """Task     Name                       Created    Status
+b500d27  table-oracle-labels-s1234  10:35 AM   Running
+3a38cc9  table-cream-s1             11:29 AM   Running
+2b6906c  table-oracle-labels-s1     12:26 PM   Queued
+c244132  table-sr-s1234             12:26 PM   Success
+
+Worker status: {} active, 0 idle
+"""
+
+
+@pytest.mark.parametrize("active,killed", [(0, ["b500d27", "3a38cc9"]), (1, [])])
+def test_tasks_a_killed_run_left_running_are_marked_failed(monkeypatch, active, killed):
+    """`dvc exp run --run-all` follows every Running task: one left by a killed run (no worker) would hang it."""
+    calls = []
+
+    def dvc(args, env=None, capture=True):
+        calls.append(args)
+        return STATUS.format(active) if args == ["queue", "status"] else ""
+
+    monkeypatch.setattr(table, "_dvc", dvc)
+    assert table.kill_stale_tasks() == killed
+    assert calls[1:] == ([["queue", "kill", *killed]] if killed else [])
