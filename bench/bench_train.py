@@ -108,14 +108,15 @@ def processed_tokens(tok, pairs) -> tuple[int, int]:
     Ours: one row per pair [prompt, chosen, rejected]; TRL: chosen and rejected as two full rows. Each side runs a
     forward and a backward (~2 forwards) over its rows and one reference forward over the same rows, so at equal
     cost per token the speedup is bounded by their ratio (attention's share, quadratic in length, is small here)."""
+    from harness.batches import pack_pairs
     from harness.train import encode
 
     ours = trl = 0
     for b in range(0, len(pairs), BATCH):
-        enc = [(encode(tok, p["prompt"], p["chosen"], 1024), encode(tok, p["prompt"], p["rejected"], 1024))
-               for p in pairs[b:b + BATCH]]
-        ours += len(enc) * max(len(c.ids) + len(r.ids) - r.mask.index(1) for c, r in enc)
-        trl += 2 * len(enc) * max(max(len(c.ids), len(r.ids)) for c, r in enc)
+        ch = [encode(tok, p["prompt"], p["chosen"], 1024) for p in pairs[b:b + BATCH]]
+        rj = [encode(tok, p["prompt"], p["rejected"], 1024) for p in pairs[b:b + BATCH]]
+        ours += pack_pairs(ch, rj, tok.pad_token_id)[0].numel()  # the rows train_dpo runs
+        trl += 2 * len(ch) * max(len(e.ids) for e in ch + rj)
     return ours, trl
 
 

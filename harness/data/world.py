@@ -93,9 +93,13 @@ def _split(response: str) -> tuple[str | None, str]:
     return (m.group(1), text[2:]) if m else (None, text)
 
 
+def _named_ends(meta: dict) -> bool:
+    return meta.get("end_marks") == "names"  # absent in the default's records
+
+
 def _end_word(meta: dict, end: str) -> str:
     """An end mark as the judgement writes it: the symbol, or its name with world.end_marks=names."""
-    return _END_NAMES[end] if meta.get("end_marks") == "names" else end
+    return _END_NAMES[end] if _named_ends(meta) else end
 
 
 def asked(meta: dict) -> dict[str, str]:
@@ -144,7 +148,7 @@ def _spec(meta: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------- tasks
 def _prompt(meta: dict) -> str:
     case = {"capitals": "in capitals", "lowercase": "in lowercase", "capitalized": "capitalized"}[meta["case"]]
-    end = _END_PHRASES[meta["end"]] if meta.get("end_marks") == "names" else meta["end"]
+    end = _END_PHRASES[meta["end"]] if _named_ends(meta) else meta["end"]
     return (f"Name {meta['k']} {_PHRASE.get(meta['family'], meta['family'])} {case}. Open with {meta['open']} then separate with {meta['sep']} "
             f"and end with {end}")
 
