@@ -9,6 +9,7 @@ from harness.config import get, uses_task_world
 from harness.schema import (
     CREAM_MODES,
     END_MARKS,
+    KIND_CHECKS,
     MIN_TINY_VOCAB,
     PAIR_LABELS,
     PATHS,
@@ -148,6 +149,12 @@ def validate(cfg: Config) -> None:
         _check(getattr(cfg.world, k) >= 0, f"world.{k}: must be >= 0")
     _check(cfg.world.end_marks in END_MARKS,
            f"world.end_marks: one of {', '.join(END_MARKS)}, got {cfg.world.end_marks!r}")
+    _check(cfg.world.kind_check in KIND_CHECKS,
+           f"world.kind_check: one of {', '.join(KIND_CHECKS)}, got {cfg.world.kind_check!r}")
+    # Item-by-item judgements run to ~70 tokens (8 items listed); a shorter cap cuts them before their Score line.
+    _check(cfg.world.kind_check != "items" or not uses_task_world(cfg) or m.spin.length_params.max_length >= 72,
+           "world.kind_check=items writes judgements of up to ~70 tokens: model.spin.length_params.max_length must "
+           f"be >= 72, got {m.spin.length_params.max_length}")
     _check(0 <= cfg.seed < 2**63, f"seed: must be in [0, 2^63), got {cfg.seed}")
 
 

@@ -109,6 +109,8 @@ MEANING = {
     "world.num_validation": "task world: validation conversations",
     "world.num_test": "task world: test prompts for the oracle evaluation",
     "world.end_marks": "task world: end marks as symbols (\"end with !\") or names (\"an exclamation mark\")",
+    "world.kind_check": "task world: the judgement's kind look at once (whole) or item by item (items: longer "
+                        "judgements, max_length >= 72)",
     "tracking.enabled": "log to MLflow",
     "tracking.tracking_uri": "MLflow tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db",
     "tracking.experiment_name": "MLflow experiment",

@@ -200,6 +200,7 @@ class World:
     num_validation: int = 64
     num_test: int = 128
     end_marks: str = "symbols"  # symbols | names: how prompts and judgements say the end mark ("!" or "exclamation")
+    kind_check: str = "whole"  # whole | items: the judgement's kind look at once, or item by item ("cat ok dgo bad")
 
 
 @dataclass
@@ -256,6 +257,7 @@ PATHS = ("pretrained_checkpoint.restore_from_path", "exp_manager.explicit_log_di
 MIN_TINY_VOCAB = 262  # models/tokenizer.py: the 256 byte tokens + 6 special tokens (BOS, EOS, PAD, 3 chat turns)
 PRECISIONS = ("32", "bf16", "bf16-mixed")  # bf16*: bf16 compute over fp32 weights (models.base.Policy.autocast)
 END_MARKS = ("symbols", "names")  # world.end_marks
+KIND_CHECKS = ("whole", "items")  # world.kind_check
 PAIR_LABELS = ("judge", "oracle", "random")
 CREAM_MODES = ("none", "avg", "dyn")
 PREFERENCE_LOSSES = ("dpo", "scale", "rpo_bwd_kl", "rpo_fwd_kl", "ipo", "rpo_sq")

@@ -90,7 +90,7 @@ def prepare(cfg: config.Config, lay: Layout) -> dict:
         from harness.models.tokenizer import train_tokenizer
 
         # The tokenizer sees the judge template too, so judge prompts are as short as the world's prompts.
-        texts = world_texts(2000, cfg.seed, cfg.world.end_marks)
+        texts = world_texts(2000, cfg.seed, cfg.world.end_marks, cfg.world.kind_check)
         texts += [judge_text("q", "a", spin), meta_judge_text("q", "a", "j", "k", spin)]
         tok = train_tokenizer(texts, cfg.model.tiny.vocab_size)
         policy = build_tiny(cfg.model.tiny, tok, cfg.seed)

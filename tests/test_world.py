@@ -356,3 +356,52 @@ def test_build_world_with_named_end_marks(tmp_path):
     names = ("period", "exclamation", "question", "colon")
     assert all(any(f" {n}" in sft.gold_response(r) for n in names) for r in b if "format" in sft.gold_response(r))
     assert world.world_texts(20, 0, "names") != world.world_texts(20, 0)
+
+
+def test_item_by_item_kind_check_copies_each_item_then_calls_it():
+    meta = {**META["animals"], "kind_check": "items"}  # 2 animals, lowercase, open '>', commas, end '.'
+    assert world.judgement(meta, "> cat, dgo.") == (
+        "kind animals [cat ok dgo bad] mixed no 0, count 2 2 yes 1, case lowercase lowercase yes 2, open > > yes 3, "
+        "format commas . commas . yes 4\nScore: 4")
+    assert world.judgement(meta, "> dgo, egg.") == "kind animals [dgo bad egg bad] none no 0\nScore: 0"
+    assert world.judgement(meta, "") == "kind animals [] none no 0\nScore: 0"
+    listed = world.grade(meta, ", ".join(["cat"] * 12)).reason  # at most ITEMS_LISTED items, then "..."
+    assert listed.startswith("kind animals [" + "cat ok " * world.ITEMS_LISTED + "...] animals yes 1, count 2 12 no 1")
+    # the scores, checks and the other checks' words are the default's: only the kind check's look is longer
+    for response in ("> bee, cat.", "> cat, dgo.", "CAT, OWL, PIG", "> dgo, egg.", "Sure! cat, owl."):
+        a, b = world.grade(META["animals"], response), world.grade(meta, response)
+        assert (a.score, a.checks) == (b.score, b.checks)
+        assert a.reason.split(", ")[1:] == b.reason.split(", ")[1:]
+
+
+def test_item_by_item_kind_check_every_level_reads_right():
+    rng = random.Random(0)
+    for family in world.FAMILIES:
+        for seed in range(15):
+            task = world.make_task(family, random.Random(seed), f"t{seed}", kind_check="items")
+            plain = world.make_task(family, random.Random(seed), f"t{seed}")
+            assert task.prompt == plain.prompt and task.gold == plain.gold and "kind_check" not in plain.meta
+            for target in range(6):
+                response = world.degrade(task, target, rng)
+                grade = world.grade(task, response)
+                assert grade.score == target
+                steps = world.read_checklist(task, world.judgement(task, response), response)
+                assert (steps is None) == (target == 0)
+                if steps is not None:  # the oracle's own judgement: right verdicts, echoes and looks
+                    assert [v[0] for v in steps.values()] == list(grade.checks)
+                    assert all(v[1] and v[2] for v in steps.values())
+    # a judge that lists the items but calls the look wrong is read as a wrong look, not as off topic
+    meta = {**META["animals"], "kind_check": "items"}
+    steps = world.read_checklist(meta, "kind animals [cat ok dgo ok] animals yes 1, count 2 2 yes 2", "> cat, dgo.")
+    assert steps["kind"] == (True, True, False)
+
+
+def test_build_world_with_item_by_item_kind_check(tmp_path):
+    default = world.build_world(World(num_ift=8, num_eft=12), 7, _judge_text, tmp_path / "a", iterations=[1])
+    items = world.build_world(World(num_ift=8, num_eft=12, kind_check="items"), 7, _judge_text, tmp_path / "b",
+                              iterations=[1])
+    a, b = read_jsonl(items["eft"]), read_jsonl(default["eft"])
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    assert all(r["meta"]["kind_check"] == "items" for r in a) and not any("kind_check" in r["meta"] for r in b)
+    assert all(re.match(r"kind [a-z ]+ \[", sft.gold_response(r)) for r in a)
+    assert world.world_texts(20, 0, kind_check="items") != world.world_texts(20, 0)

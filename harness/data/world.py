@@ -23,6 +23,9 @@ yes/no (a comparison of the two adjacent values) and a running total, so the fin
 \\nScore: 3" (each check: its name, the asked value, the response's value, yes/no, the total).
 With world.end_marks=names the prompt names the end mark ("end with an exclamation mark") and the judgement writes
 its name ("format commas exclamation commas period no 3"), a word only the prompt holds, as the separators' names are.
+With world.kind_check=items the kind check's look goes item by item: each item of the response copied, then ok or
+bad ("kind animals [cat ok dgo bad] mixed no 0"), so the look is a property of the word just written, not a verdict
+on every item at once (the step that bounded M1's judge on its own samples).
 
 Families are the kinds. `meta` holds the task's inputs only (the gold is derived from them), so a prompt file
 carries no answer text, and `score_record(record, response)` works from a jsonl record.
@@ -66,6 +69,7 @@ _END_PHRASES = {".": "a period", "!": "an exclamation mark", "?": "a question ma
 _OFF_TOPIC = ("I do not know.", "Sorry, I cannot help with that.", "Hello! How are you today?", "Maybe later.",
               "That is a good question.", "Please ask me something else.")
 _ITEM_RE = re.compile(r"[A-Za-z]+")
+ITEMS_LISTED = 8  # world.kind_check=items: the judgement lists at most this many items, then "..."
 _OPEN_RE = re.compile(r"([>*+#~]) ")
 
 
@@ -100,6 +104,19 @@ def _named_ends(meta: dict) -> bool:
 def _end_word(meta: dict, end: str) -> str:
     """An end mark as the judgement writes it: the symbol, or its name with world.end_marks=names."""
     return _END_NAMES[end] if _named_ends(meta) else end
+
+
+def _kind_items(meta: dict, response: str) -> str:
+    """world.kind_check=items: the response's items, each copied then called ok (a word of the asked kind) or bad."""
+    kind = set(KINDS[meta["family"]])
+    items = _ITEM_RE.findall(_split(response)[1])
+    listed = [f"{w} {'ok' if w.lower() in kind else 'bad'}" for w in items[:ITEMS_LISTED]]
+    return "[" + " ".join(listed + ["..."] * (len(items) > ITEMS_LISTED)) + "] "
+
+
+def _look_prefix(meta: dict, response: str) -> str:
+    """What the kind check writes between the asked kind and its look: nothing, or the item-by-item list."""
+    return _kind_items(meta, response) if meta.get("kind_check") == "items" else ""
 
 
 def asked(meta: dict) -> dict[str, str]:
@@ -170,12 +187,14 @@ def _render(meta: dict, items: list[str], opening: str | None = None, sep: str |
     return f"{opening} {body}" if opening else body
 
 
-def _sample(family: str, rng: random.Random, end_marks: str = "symbols") -> dict:
+def _sample(family: str, rng: random.Random, end_marks: str = "symbols", kind_check: str = "whole") -> dict:
     meta = {"family": family, "k": rng.randint(2, 6), "case": rng.choice(sorted(_CASES)),
             "open": rng.choice(_OPENS), "sep": rng.choice(sorted(_SEPS)), "end": rng.choice(_ENDS),
             "offset": rng.randrange(len(KINDS[family]))}
     if end_marks != "symbols":  # the default's records stay as they were
         meta["end_marks"] = end_marks
+    if kind_check != "whole":
+        meta["kind_check"] = kind_check
     return meta
 
 
@@ -248,13 +267,14 @@ def _meta(task_or_meta: Task | dict) -> dict:
     return _spec(task_or_meta.meta if isinstance(task_or_meta, Task) else task_or_meta)
 
 
-def make_task(family: str, rng: random.Random, task_id: str, end_marks: str = "symbols") -> Task:
-    meta = _sample(_spec({"family": family})["family"], rng, end_marks)
+def make_task(family: str, rng: random.Random, task_id: str, end_marks: str = "symbols",
+              kind_check: str = "whole") -> Task:
+    meta = _sample(_spec({"family": family})["family"], rng, end_marks, kind_check)
     return Task(id=task_id, family=family, prompt=_prompt(meta), gold=_render(meta, _gold_items(meta)), meta=meta)
 
 
 def make_tasks(n: int, rng: random.Random, id_prefix: str, exclude: set[str] | None = None,
-               end_marks: str = "symbols") -> list[Task]:
+               end_marks: str = "symbols", kind_check: str = "whole") -> list[Task]:
     """n tasks, families round-robin (task i is FAMILIES[i % 4]), ids f"{id_prefix}-{i:05d}".
 
     Prompts are unique within the list and never in `exclude`, which is updated with the new prompts (pass one set
@@ -265,7 +285,7 @@ def make_tasks(n: int, rng: random.Random, id_prefix: str, exclude: set[str] | N
     for i in range(n):
         family = FAMILIES[i % len(FAMILIES)]
         for _ in range(10_000):
-            task = make_task(family, rng, f"{id_prefix}-{i:05d}", end_marks)
+            task = make_task(family, rng, f"{id_prefix}-{i:05d}", end_marks, kind_check)
             if task.prompt not in seen:
                 break
         else:
@@ -282,14 +302,15 @@ def grade(task_or_meta: Task | dict, response: str) -> Grade:
     meta = _meta(task_or_meta)
     ok = checks(meta, response)
     if ok is None:  # the kind check's look finds no word of the kind: the checklist stops there
-        return Grade(0, f"kind {asked(meta)['kind']} {OFF_TOPIC} no 0")
+        return Grade(0, f"kind {asked(meta)['kind']} {_look_prefix(meta, response)}{OFF_TOPIC} no 0")
     # each check echoes the prompt's own words for what it asks, then names what the response does: the yes/no is a
     # comparison of two adjacent values, and every value is a copy (of the prompt) or a look (at the response)
     want, did = asked(meta), seen(meta, response)
     parts, total = [], 0
     for check, passed in zip(CHECKS, ok):
         total += passed
-        parts.append(f"{check} {want[check]} {did[check]} {'yes' if passed else 'no'} {total}")
+        look = (_look_prefix(meta, response) if check == "kind" else "") + did[check]
+        parts.append(f"{check} {want[check]} {look} {'yes' if passed else 'no'} {total}")
     return Grade(total, ", ".join(parts), ok)
 
 
@@ -397,9 +418,11 @@ def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], s
     out = Path(out_dir)
     seen: set[str] = set()
     end_marks = getattr(world_cfg, "end_marks", "symbols")
+    kind_check = getattr(world_cfg, "kind_check", "whole")
 
     def tasks(split: str, n: int) -> list[Task]:
-        return make_tasks(n, random.Random(f"world:{seed}:{split}"), split, exclude=seen, end_marks=end_marks)
+        return make_tasks(n, random.Random(f"world:{seed}:{split}"), split, exclude=seen, end_marks=end_marks,
+                          kind_check=kind_check)
 
     paths: dict[str, Path] = {}
 
@@ -452,11 +475,11 @@ def build_world(world_cfg: Any, seed: int, judge_text_fn: Callable[[str, str], s
     return paths
 
 
-def world_texts(n: int, seed: int, end_marks: str = "symbols") -> list[str]:
+def world_texts(n: int, seed: int, end_marks: str = "symbols", kind_check: str = "whole") -> list[str]:
     """Text to train the tokenizer on: n tasks' prompts, gold answers, responses at every level, judgements."""
     rng = random.Random(f"world:{seed}:texts")
     texts = []
-    for i, t in enumerate(make_tasks(n, rng, "text", end_marks=end_marks)):
+    for i, t in enumerate(make_tasks(n, rng, "text", end_marks=end_marks, kind_check=kind_check)):
         response = degrade(t, i % 6, rng)
         texts += [t.prompt, t.gold, response, judgement(t, response)]
     chars = "".join(chr(c) for c in range(33, 127))
