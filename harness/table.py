@@ -22,6 +22,8 @@ probe of the first iterations at a fraction of the table's cost; the last model 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -307,10 +309,12 @@ def collect(spec: Spec, out_dir: Path, readme: Path | None = None, exps: dict | 
     md = markdown(spec, summary, rows, pairs)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "table.md", md)
-    csv = ["condition,seed,model," + ",".join(spec.metrics)]
-    csv += [f"{r['condition']},{r['seed']},{r['model']}," + ",".join("" if r[m] is None else repr(r[m])
-                                                                     for m in spec.metrics) for r in rows]
-    write_text(out_dir / "per_seed.csv", "\n".join(csv) + "\n")
+    buf = io.StringIO()  # the csv module quotes a condition name with a comma in it ("Whole, max_length 72")
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["condition", "seed", "model", *spec.metrics])
+    writer.writerows([r["condition"], r["seed"], r["model"], *("" if r[m] is None else repr(r[m]) for m in spec.metrics)]
+                     for r in rows)
+    write_text(out_dir / "per_seed.csv", buf.getvalue())
     write_json(out_dir / "results.json", {"spec": spec.__dict__, "summary": [
         {**{k: s[k] for k in ("condition", "model", "n")}, **{m: {"mean": s[m][0], "sd": s[m][1]} for m in spec.metrics}}
         for s in summary], "paired": pairs})

@@ -135,3 +135,18 @@ def test_tasks_a_killed_run_left_running_are_marked_failed(monkeypatch, active, 
     monkeypatch.setattr(table, "_dvc", dvc)
     assert table.kill_stale_tasks() == killed
     assert calls[1:] == ([["queue", "kill", *killed]] if killed else [])
+
+
+def test_per_seed_csv_quotes_a_condition_with_a_comma(tmp_path):
+    import csv
+
+    spec = table.load_spec(_base(tmp_path))
+    spec.conditions = {"SR, plain": spec.conditions["SR"], "Oracle labels": spec.conditions["Oracle labels"]}
+    exps = {k.replace("t-sr-", "t-sr-plain-"): v for k, v in _exps().items()}
+    assert spec.exp_name("SR, plain", 1) in exps
+    table.collect(spec, tmp_path / "out", None, exps=exps)
+    with open(tmp_path / "out" / "per_seed.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and {r["condition"] for r in rows} == {"SR, plain", "Oracle labels"}
+    assert {r["eval/win_rate_vs_m1"] for r in rows if r["condition"] == "SR, plain" and r["model"] == "M2"} == {
+        "0.6", "0.7"}
