@@ -330,32 +330,43 @@ def test_named_end_marks_say_the_name_in_prompt_and_judgement():
     assert plain.prompt == task.prompt.replace(phrase[task.meta["end"]], task.meta["end"])
 
 
-def test_named_end_marks_every_level_and_the_oracles_judgement_reads_right():
+STYLES = [{"end_marks": "names"}, {"kind_check": "items"}]  # the world's non-default ways of writing a judgement
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_every_level_and_the_oracles_judgement_reads_right_in_each_style(style):
     rng = random.Random(0)
     for family in world.FAMILIES:
         for seed in range(15):
-            task = world.make_task(family, random.Random(seed), f"t{seed}", end_marks="names")
+            task = world.make_task(family, random.Random(seed), f"t{seed}", **style)
             assert world.oracle_score(task, task.gold) == 5
             for target in range(6):
                 response = world.degrade(task, target, rng)
                 grade = world.grade(task, response)
                 assert grade.score == target
                 steps = world.read_checklist(task, world.judgement(task, response), response)
+                assert (steps is None) == (target == 0)
                 if steps is not None:  # the oracle's own judgement: right verdicts, echoes and looks
                     assert [v[0] for v in steps.values()] == list(grade.checks)
                     assert all(v[1] and v[2] for v in steps.values())
 
 
-def test_build_world_with_named_end_marks(tmp_path):
+# what each style's EFT targets say that the default's do not
+GOLD_SAYS = {"end_marks": lambda g: "format" not in g or any(f" {n}" in g for n in ("period", "exclamation",
+                                                                                    "question", "colon")),
+             "kind_check": lambda g: re.match(r"kind [a-z ]+ \[", g) is not None}
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_build_world_in_each_style(tmp_path, style):
+    (key, value), = style.items()
     default = world.build_world(World(num_ift=8, num_eft=12), 7, _judge_text, tmp_path / "a", iterations=[1])
-    named = world.build_world(World(num_ift=8, num_eft=12, end_marks="names"), 7, _judge_text, tmp_path / "b",
-                              iterations=[1])
-    a, b = read_jsonl(default["eft"]), read_jsonl(named["eft"])
+    styled = world.build_world(World(num_ift=8, num_eft=12, **style), 7, _judge_text, tmp_path / "b", iterations=[1])
+    a, b = read_jsonl(default["eft"]), read_jsonl(styled["eft"])
     assert [r["id"] for r in a] == [r["id"] for r in b]
-    assert all(r["meta"]["end_marks"] == "names" for r in b) and not any("end_marks" in r["meta"] for r in a)
-    names = ("period", "exclamation", "question", "colon")
-    assert all(any(f" {n}" in sft.gold_response(r) for n in names) for r in b if "format" in sft.gold_response(r))
-    assert world.world_texts(20, 0, "names") != world.world_texts(20, 0)
+    assert all(r["meta"][key] == value for r in b) and not any(key in r["meta"] for r in a)
+    assert all(GOLD_SAYS[key](sft.gold_response(r)) for r in b)
+    assert world.world_texts(20, 0, **style) != world.world_texts(20, 0)
 
 
 def test_item_by_item_kind_check_copies_each_item_then_calls_it():
@@ -372,36 +383,12 @@ def test_item_by_item_kind_check_copies_each_item_then_calls_it():
         a, b = world.grade(META["animals"], response), world.grade(meta, response)
         assert (a.score, a.checks) == (b.score, b.checks)
         assert a.reason.split(", ")[1:] == b.reason.split(", ")[1:]
-
-
-def test_item_by_item_kind_check_every_level_reads_right():
-    rng = random.Random(0)
+    # the same draws as the default (prompt and gold), and a judge that lists the items but calls the look wrong is
+    # read as a wrong look, not as off topic
     for family in world.FAMILIES:
         for seed in range(15):
             task = world.make_task(family, random.Random(seed), f"t{seed}", kind_check="items")
             plain = world.make_task(family, random.Random(seed), f"t{seed}")
             assert task.prompt == plain.prompt and task.gold == plain.gold and "kind_check" not in plain.meta
-            for target in range(6):
-                response = world.degrade(task, target, rng)
-                grade = world.grade(task, response)
-                assert grade.score == target
-                steps = world.read_checklist(task, world.judgement(task, response), response)
-                assert (steps is None) == (target == 0)
-                if steps is not None:  # the oracle's own judgement: right verdicts, echoes and looks
-                    assert [v[0] for v in steps.values()] == list(grade.checks)
-                    assert all(v[1] and v[2] for v in steps.values())
-    # a judge that lists the items but calls the look wrong is read as a wrong look, not as off topic
-    meta = {**META["animals"], "kind_check": "items"}
     steps = world.read_checklist(meta, "kind animals [cat ok dgo ok] animals yes 1, count 2 2 yes 2", "> cat, dgo.")
     assert steps["kind"] == (True, True, False)
-
-
-def test_build_world_with_item_by_item_kind_check(tmp_path):
-    default = world.build_world(World(num_ift=8, num_eft=12), 7, _judge_text, tmp_path / "a", iterations=[1])
-    items = world.build_world(World(num_ift=8, num_eft=12, kind_check="items"), 7, _judge_text, tmp_path / "b",
-                              iterations=[1])
-    a, b = read_jsonl(items["eft"]), read_jsonl(default["eft"])
-    assert [r["id"] for r in a] == [r["id"] for r in b]
-    assert all(r["meta"]["kind_check"] == "items" for r in a) and not any("kind_check" in r["meta"] for r in b)
-    assert all(re.match(r"kind [a-z ]+ \[", sft.gold_response(r)) for r in a)
-    assert world.world_texts(20, 0, kind_check="items") != world.world_texts(20, 0)

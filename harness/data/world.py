@@ -106,17 +106,15 @@ def _end_word(meta: dict, end: str) -> str:
     return _END_NAMES[end] if _named_ends(meta) else end
 
 
-def _kind_items(meta: dict, response: str) -> str:
-    """world.kind_check=items: the response's items, each copied then called ok (a word of the asked kind) or bad."""
+def _look_prefix(meta: dict, response: str) -> str:
+    """What the kind check writes between the asked kind and its look: nothing, or (world.kind_check=items) the
+    response's items, each copied then called ok (a word of the asked kind) or bad."""
+    if meta.get("kind_check") != "items":
+        return ""
     kind = set(KINDS[meta["family"]])
     items = _ITEM_RE.findall(_split(response)[1])
     listed = [f"{w} {'ok' if w.lower() in kind else 'bad'}" for w in items[:ITEMS_LISTED]]
     return "[" + " ".join(listed + ["..."] * (len(items) > ITEMS_LISTED)) + "] "
-
-
-def _look_prefix(meta: dict, response: str) -> str:
-    """What the kind check writes between the asked kind and its look: nothing, or the item-by-item list."""
-    return _kind_items(meta, response) if meta.get("kind_check") == "items" else ""
 
 
 def asked(meta: dict) -> dict[str, str]:
