@@ -5,6 +5,8 @@
 
 The embedded default tiny Llama (hidden 128, 4 layers, 4 heads, intermediate 384, vocab 512), 32 prompts of ~40
 tokens, 64 new tokens each, sampled with min_length = max_length so every call makes exactly 32 x 64 tokens.
+`matmul_floor_speedup_vs_hf_generate`: HF's time over the matrix products of our bare forwards replayed back to back
+(bench/matmul_floor.py), the most any sampler on these kernels could reach.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.matmul_floor import gflop, record, replay  # noqa: E402
 from harness.config import LengthParams, SamplingParams, Tiny  # noqa: E402
 from harness.determinism import set_threads  # noqa: E402
 from harness.generation import generate  # noqa: E402
@@ -96,6 +99,8 @@ def measure(repeats: int = 3) -> dict:
     t_ours, c_ours, n_ours = _best(ours, policy, prompts, repeats=repeats)
     t_hf, c_hf, n_hf = _best(hf, policy, prompts, repeats=repeats)
     t_bare, _, _ = _best(bare_forwards, policy, prompts, repeats=repeats)
+    calls = record(bare_forwards, policy, prompts)
+    t_floor = replay(calls, repeats=repeats)
     assert n_ours == n_hf == N_PROMPTS * NEW_TOKENS, (n_ours, n_hf)
     return {
         "bench": "generation",
@@ -107,6 +112,12 @@ def measure(repeats: int = 3) -> dict:
         "ours_time_over_bare_forward_time": round(t_ours / t_bare, 3),
         # HF generate over our bare forward passes: the most any sampler on this forward could gain over HF
         "bare_forward_speedup_vs_hf_generate": round(t_hf / t_bare, 2),
+        # HF generate over our matrix products alone (bench/matmul_floor.py: the GEMMs and attention matmuls of
+        # the bare forwards replayed back to back): the most any sampler on these kernels could gain over HF, with
+        # every other op (norms, RoPE, softmax, cache writes, sampling, Python) taking no time at all
+        "matmul_gflop": round(gflop(calls), 3),
+        "matmul_floor_share_of_ours": round(t_floor / t_ours, 3),
+        "matmul_floor_speedup_vs_hf_generate": round(t_hf / t_floor, 2),
         "threads": torch.get_num_threads(),
         "loadavg": float(Path("/proc/loadavg").read_text().split()[0]) if Path("/proc/loadavg").exists() else None,
     }

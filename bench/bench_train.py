@@ -29,6 +29,11 @@ off the chosen one, its positions restarted after the prompt), so the shared pro
 policy's forward/backward and in the reference pass; TRL concatenates chosen and rejected as two full sequences and
 runs the reference model every step. With these prompts (~70 of ~86 tokens) that is ~40% fewer tokens per step.
 
+Where the ratio comes from (a third and fourth subprocess, one per side, recording every matrix product the timed call
+makes with bench/matmul_floor.py): `flop_bound_speedup` (TRL's GEMM FLOPs over ours) times `gemm_rate_vs_trl` (GEMM
+FLOPs per wall second, ours over TRL's) is `speedup_vs_trl`; `matmul_floor_speedup_vs_trl` is TRL's time over our
+matrix products replayed back to back, the most any trainer on these kernels could reach.
+
 Peak memory is ru_maxrss of each side's own process (whole process: Python, torch, the model(s), activations);
 `*_rss_before_mb` is the ru_maxrss just before the timed call, so the difference is what the training call added.
 TRL keeps a second full model (the reference) in memory; ours keeps only the reference log-probs.
@@ -55,6 +60,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.matmul_floor import gflop, record, replay  # noqa: E402
 from harness import config  # noqa: E402
 from harness.data import world  # noqa: E402
 from harness.data.sft import USER, render_nemo  # noqa: E402
@@ -189,10 +195,13 @@ def _maxrss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_side(side: str) -> dict:
+def run_side(side: str, count_flops: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         args, _ = ours_prepare() if side == "ours" else trl_prepare(tmp)
         fn = ours_run if side == "ours" else trl_run
+        if count_flops:  # a separate run: recording slows the one it watches
+            calls = record(fn, *args)
+            return {"side": side, "gemm_gflop": gflop(calls), "matmul_floor_s": replay(calls)}
         before = _maxrss_mb()
         t, c = time.perf_counter(), time.process_time()
         n = fn(*args)
@@ -202,13 +211,14 @@ def run_side(side: str) -> dict:
 
 
 def measure() -> dict:
-    res = {}
+    res, flops = {}, {}
     for side in ("ours", "trl"):
-        proc = subprocess.run([sys.executable, __file__, "--side", side], capture_output=True, text=True,
-                              env={**os.environ, "HARNESS_NUM_THREADS": str(THREADS), "HARNESS_PROGRESS": "0"})
-        if proc.returncode != 0:
-            raise RuntimeError(f"{side} subprocess failed:\n{proc.stderr[-4000:]}")
-        res[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+        for mode, out in (("--side", res), ("--flops", flops)):
+            proc = subprocess.run([sys.executable, __file__, mode, side], capture_output=True, text=True,
+                                  env={**os.environ, "HARNESS_NUM_THREADS": str(THREADS), "HARNESS_PROGRESS": "0"})
+            if proc.returncode != 0:
+                raise RuntimeError(f"{side} subprocess failed:\n{proc.stderr[-4000:]}")
+            out[side] = json.loads(proc.stdout.strip().splitlines()[-1])
     tok, _, pairs = setup()
     lens = seq_lengths(tok, pairs)
     ours_tokens, trl_tokens = processed_tokens(tok, pairs)
@@ -224,6 +234,18 @@ def measure() -> dict:
         # the speedup the token counts allow at equal cost per token: what packing the shared prompt buys
         "tokens_per_epoch": {"ours": ours_tokens, "trl": trl_tokens},
         "token_bound_speedup": round(trl_tokens / ours_tokens, 2),
+        # speedup_vs_trl = flop_bound_speedup * gemm_rate_vs_trl: the work each side does (GEMM FLOPs, ~99% of all
+        # FLOPs) and how fast it gets through it (GEMM GFLOP per wall second, everything else counted as overhead)
+        "gemm_gflop": {s: round(flops[s]["gemm_gflop"], 2) for s in ("ours", "trl")},
+        "flop_bound_speedup": round(flops["trl"]["gemm_gflop"] / flops["ours"]["gemm_gflop"], 2),
+        "gemm_gflop_per_s": {s: round(flops[s]["gemm_gflop"] / res[s]["seconds"], 1) for s in ("ours", "trl")},
+        "gemm_rate_vs_trl": round(flops["ours"]["gemm_gflop"] / o["seconds"]
+                                  / (flops["trl"]["gemm_gflop"] / t["seconds"]), 2),
+        # TRL's time over our matrix products alone (bench/matmul_floor.py: every mm/addmm/bmm of the forward,
+        # backward and reference passes replayed back to back): the most any trainer on these kernels could gain,
+        # with attention, elementwise ops, the optimizer and Python taking no time at all
+        "matmul_floor_share_of_ours": round(flops["ours"]["matmul_floor_s"] / o["seconds"], 3),
+        "matmul_floor_speedup_vs_trl": round(t["seconds"] / flops["ours"]["matmul_floor_s"], 2),
         "ours_seconds": round(o["seconds"], 2), "trl_seconds": round(t["seconds"], 2),
         "ours_peak_rss_mb": round(o["peak_rss_mb"], 1), "trl_peak_rss_mb": round(t["peak_rss_mb"], 1),
         "ours_rss_before_mb": round(o["rss_before_mb"], 1), "trl_rss_before_mb": round(t["rss_before_mb"], 1),
@@ -242,7 +264,7 @@ def test_bench_dpo_trl(benchmark, tmp_path):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--side":
-        print(json.dumps(run_side(sys.argv[2])))
+    if len(sys.argv) == 3 and sys.argv[1] in ("--side", "--flops"):
+        print(json.dumps(run_side(sys.argv[2], count_flops=sys.argv[1] == "--flops")))
     else:
         print(json.dumps(measure()))
