@@ -223,6 +223,7 @@ def measure() -> dict:
     lens = seq_lengths(tok, pairs)
     ours_tokens, trl_tokens = processed_tokens(tok, pairs)
     o, t = res["ours"], res["trl"]
+    rate = {s: flops[s]["gemm_gflop"] / res[s]["seconds"] for s in ("ours", "trl")}  # GEMM GFLOP per wall second
     return {
         "bench": "dpo_train",
         "pairs": N_PAIRS, "batch": BATCH, "steps": N_PAIRS // BATCH,
@@ -238,9 +239,8 @@ def measure() -> dict:
         # FLOPs) and how fast it gets through it (GEMM GFLOP per wall second, everything else counted as overhead)
         "gemm_gflop": {s: round(flops[s]["gemm_gflop"], 2) for s in ("ours", "trl")},
         "flop_bound_speedup": round(flops["trl"]["gemm_gflop"] / flops["ours"]["gemm_gflop"], 2),
-        "gemm_gflop_per_s": {s: round(flops[s]["gemm_gflop"] / res[s]["seconds"], 1) for s in ("ours", "trl")},
-        "gemm_rate_vs_trl": round(flops["ours"]["gemm_gflop"] / o["seconds"]
-                                  / (flops["trl"]["gemm_gflop"] / t["seconds"]), 2),
+        "gemm_gflop_per_s": {s: round(rate[s], 1) for s in ("ours", "trl")},
+        "gemm_rate_vs_trl": round(rate["ours"] / rate["trl"], 2),
         # TRL's time over our matrix products alone (bench/matmul_floor.py: every mm/addmm/bmm of the forward,
         # backward and reference passes replayed back to back): the most any trainer on these kernels could gain,
         # with attention, elementwise ops, the optimizer and Python taking no time at all

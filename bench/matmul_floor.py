@@ -64,12 +64,12 @@ def gflop(calls) -> float:
 def replay(calls, repeats: int = 3) -> float:
     """Best wall seconds of the recorded products run back to back on random operands laid out as recorded."""
     g = torch.Generator().manual_seed(0)
-    bases = {}  # one buffer of random finite values (no denormal slow paths) per recorded storage
+    sizes = {}  # elements of each recorded storage (the largest seen at that address)
     for _, specs, _ in calls:
         for ptr, nbytes, dtype, *_ in (s for s in specs if isinstance(s, tuple)):
-            n = max(nbytes // dtype.itemsize, bases.get((ptr, dtype), 0))
-            bases[(ptr, dtype)] = n
-    bases = {k: torch.randn(n, generator=g).to(k[1]) for k, n in bases.items()}
+            sizes[(ptr, dtype)] = max(nbytes // dtype.itemsize, sizes.get((ptr, dtype), 0))
+    # one buffer of random finite values (no denormal slow paths) per recorded storage
+    bases = {k: torch.randn(n, generator=g).to(k[1]) for k, n in sizes.items()}
     ops = [(func, [bases[(s[0], s[2])].as_strided(s[3], s[4], s[5]) if isinstance(s, tuple) else s for s in specs],
             kw) for func, specs, kw in calls]
     best = float("inf")
